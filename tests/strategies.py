@@ -1,0 +1,47 @@
+"""Hypothesis strategies shared by the test modules: random ops graphs and batches."""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+
+from overlap.ops_graph import Collective, Comm, Formula, Graph, Op, OpCost, OpKind
+
+formulas = st.builds(
+    Formula,
+    const=st.floats(0, 1e9),
+    per_token=st.floats(0, 1e9),
+    per_request=st.floats(0, 1e6),
+    per_context=st.floats(0, 1e6),
+    per_pair=st.floats(0, 1e6),
+    saturating=st.floats(0, 1e9),
+    hit=st.floats(0, 1),
+)
+costs = st.builds(OpCost, flops=formulas, vector_flops=formulas, hbm_bytes=formulas,
+                  comm_bytes=formulas, dtype=st.sampled_from(["bf16", "int8", "fp8"]))
+
+
+@st.composite
+def graphs(draw: st.DrawFn, max_ops: int = 12, comm_groups: tuple[str, ...] = ("ep", "tp")) -> Graph:
+    """A valid layer graph: each op reads earlier values and writes fresh ones; values that
+    nobody reads become graph outputs, so nothing dangles."""
+    n_inputs = draw(st.integers(1, 3))
+    inputs = [f"in{i}" for i in range(n_inputs)]
+    available = list(inputs)
+    read: set[str] = set()
+    ops = []
+    for i in range(draw(st.integers(1, max_ops))):
+        reads = draw(st.lists(st.sampled_from(available), min_size=1, max_size=3, unique=True))
+        writes = [f"v{i}_{j}" for j in range(draw(st.integers(1, 2)))]
+        kind = draw(st.sampled_from(list(OpKind)))
+        comm = None
+        if kind is OpKind.COMM:
+            comm = Comm(draw(st.sampled_from(list(Collective))), draw(st.sampled_from(comm_groups)),
+                        draw(st.integers(1, 64)))
+        cost = draw(costs) if draw(st.booleans()) else OpCost()
+        ops.append(Op(f"op{i}", kind, reads, writes, comm=comm, cost=cost,
+                      role=draw(st.sampled_from(["", "attn", "dispatch", "experts"]))))
+        read.update(reads)
+        available.extend(writes)
+    outputs = [v for v in available if v not in read and v not in inputs] or [available[-1]]
+    order = draw(st.permutations(ops))
+    return Graph(draw(st.sampled_from(["layer", "moe", "g"])), order, inputs, outputs)
