@@ -1,0 +1,177 @@
+"""Calibration: reading traces and CSVs, fitting per-kind factors, applying them to hardware."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+
+import pytest
+
+from overlap.cost import HARDWARE, Measurement, collective_time, fit, load_measurements, op_time
+from overlap.errors import ConfigError
+from overlap.ops_graph import OpKind
+from overlap.ops_graph.cost import CostFigures
+
+HW = HARDWARE["h800"]
+COMPUTE_OPS = {
+    "attn": CostFigures(flops=4e12, vector_flops=2e10, hbm_bytes=2e9),
+    "mlp": CostFigures(flops=8e12, hbm_bytes=6e9, dtype="fp8"),
+    "shared": CostFigures(flops=1e12, hbm_bytes=1e10),
+}
+COMM_OPS = {"dispatch": 2e8, "combine": 4e8}
+
+
+def _predicted(hw):
+    predicted = {name: ("compute", op_time(fig, hw).total_s) for name, fig in COMPUTE_OPS.items()}
+    for name, size in COMM_OPS.items():
+        predicted[name] = ("comm", collective_time("all_to_all", size, 16, hw))
+    return predicted
+
+
+def _write_trace(path, durations_s, repeats=3):
+    """A Chrome trace with each op as an X event per layer, plus one B/E pair and noise."""
+    events, ts = [{"ph": "M", "name": "process_name", "pid": 0, "args": {"name": "rank0"}}], 0.0
+    for _ in range(repeats):
+        for name, seconds in durations_s.items():
+            events.append(
+                {"ph": "X", "name": name, "cat": "kernel", "pid": 0, "tid": 7, "ts": ts, "dur": seconds * 1e6}
+            )
+            ts += seconds * 1e6 + 1
+    events += [
+        {"ph": "B", "name": "host_sync", "pid": 0, "tid": 1, "ts": 10.0},
+        {"ph": "E", "pid": 0, "tid": 1, "ts": 35.0},
+        {"ph": "i", "name": "marker", "pid": 0, "tid": 1, "ts": 40.0},
+    ]
+    path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+    return path
+
+
+def test_round_trip_recovers_known_factors(tmp_path):
+    """Ops measured 1.3x (compute) and 1.5x (comm) slower give those factors, and the calibrated
+    hardware then predicts the measured times."""
+    predicted = _predicted(HW)
+    truth = {"compute": 1.3, "comm": 1.5}
+    measured = {name: seconds * truth[kind] for name, (kind, seconds) in predicted.items()}
+    trace = _write_trace(tmp_path / "trace.json", measured)
+
+    calibration = fit(predicted, load_measurements(trace))
+    assert calibration.compute == pytest.approx(1.3)
+    assert calibration.comm == pytest.approx(1.5)
+    assert calibration.host == 1.0
+    assert calibration.error_before > 0.2
+    assert calibration.error_after == pytest.approx(0.0, abs=1e-9)
+
+    calibrated = _predicted(calibration.apply(HW))
+    for name, (_, seconds) in calibrated.items():
+        assert seconds == pytest.approx(measured[name], rel=1e-9), name
+
+
+def test_lstsq_method_weights_long_ops(tmp_path):
+    """Least squares through the origin gives sum(m*p)/sum(p*p) per kind."""
+    predicted = {"a": ("compute", 1.0), "b": ("compute", 3.0)}
+    measured = [Measurement("a", 2.0), Measurement("b", 3.0)]
+    assert fit(predicted, measured, method="lstsq").compute == pytest.approx((2 + 9) / (1 + 9))
+    assert fit(predicted, measured, method="median").compute == pytest.approx((2 + 1) / 2)
+
+
+def test_repeated_ops_use_the_median_duration():
+    """An op seen once per layer is summarised by its median, so one outlier does not skew it."""
+    measured = [Measurement("a", d) for d in (1.0, 1.1, 9.0)]
+    row = fit({"a": (OpKind.COMPUTE, 1.0)}, measured).rows[0]
+    assert (row.measured_s, row.samples) == (1.1, 3)
+
+
+def test_report_lists_each_op_and_the_factors(tmp_path):
+    """The report shows predicted vs measured per op and the error before and after."""
+    predicted = {"attn": ("compute", 1e-3), "a2a": ("comm", 2e-3), "unseen": ("host", 1e-4)}
+    measured = [Measurement("attn", 2e-3), Measurement("a2a", 2e-3)]
+    report = fit(predicted, measured).report()
+    assert "attn" in report and "a2a" in report
+    assert "compute x2.000, comm x1.000, host x1.000" in report
+    assert "not measured: unseen" in report
+
+
+def test_bare_event_list_and_gzip_are_read(tmp_path):
+    """A trace may be a bare JSON list, and may be gzipped as PyTorch's exporter writes it."""
+    events = [{"ph": "X", "name": "mlp", "ts": 0, "dur": 250, "args": {"kind": "compute"}}]
+    path = tmp_path / "rank0.pt.trace.json.gz"
+    path.write_bytes(gzip.compress(json.dumps(events).encode()))
+    assert load_measurements(path) == [Measurement("mlp", 250e-6, "compute")]
+
+
+def test_begin_end_pairs_become_durations(tmp_path):
+    """B/E pairs on the same thread nest like a stack and give E.ts - B.ts."""
+    events = [
+        {"ph": "B", "name": "outer", "pid": 1, "tid": 1, "ts": 0},
+        {"ph": "B", "name": "inner", "pid": 1, "tid": 1, "ts": 10},
+        {"ph": "E", "pid": 1, "tid": 1, "ts": 30},
+        {"ph": "E", "pid": 1, "tid": 1, "ts": 100},
+    ]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    assert load_measurements(path) == [Measurement("inner", 20e-6), Measurement("outer", 100e-6)]
+
+
+def test_csv_with_optional_kind(tmp_path):
+    """A CSV with op,duration_us[,kind] is read in microseconds."""
+    path = tmp_path / "m.csv"
+    path.write_text("op,duration_us,kind\nattn,120.5,compute\ndispatch,300,\n")
+    assert load_measurements(path) == [
+        Measurement("attn", 120.5e-6, "compute"),
+        Measurement("dispatch", 300e-6),
+    ]
+
+
+def test_missing_file_is_reported(tmp_path):
+    """A path that does not exist says so."""
+    path = tmp_path / "nope.json"
+    with pytest.raises(ConfigError, match=f"^cannot read measurements from '{re.escape(str(path))}': "):
+        load_measurements(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("bad.json", "{not json", "is not valid JSON: Expecting property name enclosed in"),
+        ("obj.json", '{"events": []}', "is JSON but not a Chrome trace: expected an object with"),
+        ("empty.json", '{"traceEvents": [{"ph": "M"}]}', "no complete events (ph 'X', or 'B'/'E' pairs) in"),
+        ("cols.csv", "name,ms\na,1\n", "CSV must have columns op,duration_us[,kind] (got: name, ms)"),
+        ("num.csv", "op,duration_us\na,fast\n", "line 2: 'duration_us' must be a number (got 'fast')"),
+        ("neg.csv", "op,duration_us\na,-3\n", "line 2: 'duration_us' must be >= 0 (got -3)"),
+        ("notes.txt", "hello", "unknown measurement format in"),
+    ],
+)
+def test_bad_files_are_reported(tmp_path, name, content, message):
+    """Each kind of unreadable input gives an error that names the file and the problem."""
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_measurements(path)
+
+
+def test_no_common_names_lists_both_sides():
+    """When nothing overlaps, the error shows what was predicted and what was measured."""
+    message = (
+        "no op names in common between predicted (2: attn, mlp) "
+        "and measured (3: aten::mm, nccl:all_to_all, void gemm<...>)"
+    )
+    measured = [Measurement(n, 1.0) for n in ("aten::mm", "nccl:all_to_all", "void gemm<...>")]
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        fit({"attn": ("compute", 1.0), "mlp": ("compute", 1.0)}, measured)
+
+
+def test_unknown_method_and_kind_are_rejected():
+    """fit() names the valid methods and op kinds."""
+    measured = [Measurement("a", 1.0)]
+    with pytest.raises(ConfigError, match=r"^unknown method 'mean'; valid: median, lstsq$"):
+        fit({"a": ("compute", 1.0)}, measured, method="mean")
+    with pytest.raises(ConfigError, match=r"^unknown op kind 'gpu'; valid: compute, comm, host$"):
+        fit({"a": ("gpu", 1.0)}, measured)
+
+
+def test_apply_refuses_an_efficiency_above_one():
+    """Ops measured far faster than the peak allows point at wrong figures, not at efficiency."""
+    calibration = fit({"a": ("compute", 1.0)}, [Measurement("a", 0.1)])
+    with pytest.raises(ConfigError, match=r"^calibrated 'matrix_efficiency' would be 7.5 > 1"):
+        calibration.apply(HW)
