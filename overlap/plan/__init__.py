@@ -1,0 +1,29 @@
+"""Planning: split a batch into microbatches and schedule (microbatch, op) onto streams."""
+
+from overlap.plan.batch import Batch, Request
+from overlap.plan.plan import Plan, Step, Stream, Wait
+from overlap.plan.split import MicroBatch, Piece, Split, agree, split, split_agreed, whole
+from overlap.plan.strategies import STRATEGIES, build_plan, get_strategy
+from overlap.plan.validate import check_rank_symmetry, collective_order, validate
+
+__all__ = [
+    "STRATEGIES",
+    "Batch",
+    "MicroBatch",
+    "Piece",
+    "Plan",
+    "Request",
+    "Split",
+    "Step",
+    "Stream",
+    "Wait",
+    "agree",
+    "build_plan",
+    "check_rank_symmetry",
+    "collective_order",
+    "get_strategy",
+    "split",
+    "split_agreed",
+    "validate",
+    "whole",
+]

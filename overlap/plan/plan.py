@@ -1,0 +1,232 @@
+"""The Plan: which stream runs which (microbatch, op) of which layer, in which host order.
+
+A Plan is the single source of truth for ordering: the simulator and every execution backend
+walk the same ``steps``. It is a frozen value built without torch. Cross-stream dependencies
+become event record/wait pairs, derived here once so every consumer agrees on them.
+
+The order is produced per layer *slot*: slot 0 is the prologue, then one slot per layer in the
+steady state, and a final epilogue slot. A step in slot ``s`` may belong to layer ``s`` or to an
+earlier layer, which is how microbatch 0's combine of layer L overlaps microbatch 1's attention
+of layer L+1.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
+
+import attrs
+
+from overlap.errors import PlanError
+from overlap.ops_graph.graph import ModelGraph
+from overlap.ops_graph.op import OpKind
+from overlap.plan.split import Split
+
+SCHEMA = "overlap.plan/1"
+STREAM_KINDS = ("compute", "comm", "mixed")
+
+
+class Step(NamedTuple):
+    """One issue: run ``op`` of ``layer`` for microbatch ``micro`` on stream ``stream``."""
+
+    layer: int
+    micro: int
+    op: str
+    stream: int
+
+    @property
+    def key(self) -> tuple[int, int, str]:
+        return (self.layer, self.micro, self.op)
+
+    def label(self) -> str:
+        return f"{self.op}({self.micro})@{self.layer}"
+
+
+@attrs.frozen
+class Stream:
+    """A device stream: ``compute`` streams run compute (and host) ops, ``comm`` collectives,
+    and a ``mixed`` stream runs everything in issue order (the plain, unoverlapped forward).
+
+    ``share`` is the fraction of compute units a compute stream may use (a per-stream core
+    limit, as on Ascend); None means no limit.
+    """
+
+    name: str
+    kind: str = attrs.field(validator=attrs.validators.in_(STREAM_KINDS))
+    share: float | None = None
+
+    def accepts(self, kind: OpKind) -> bool:
+        return self.kind == "mixed" or (kind is OpKind.COMM) == (self.kind == "comm")
+
+
+DEFAULT_STREAMS = (Stream("compute", "compute"), Stream("comm", "comm"))
+
+
+class Wait(NamedTuple):
+    """Step ``waiter`` (an index into ``Plan.steps``) waits for the event recorded after step
+    ``on`` on another stream."""
+
+    waiter: int
+    on: int
+
+
+@attrs.frozen
+class Plan:
+    """An executable, printable, JSON-serialisable schedule of a model step.
+
+    strategy: the name of what built it.
+    model:    the layer graphs it schedules.
+    split:    its microbatches.
+    streams:  the streams steps are issued to (index = ``Step.stream``).
+    steps:    the host issue order of every (layer, microbatch, op).
+    slots:    ``slots[s]`` is the index of the first step of slot ``s``.
+    extra_waits: explicit waits beyond data dependencies (e.g. to delay a collective), as
+              (waiter, on) step-index pairs.
+    """
+
+    strategy: str
+    model: ModelGraph = attrs.field(eq=False, repr=False)
+    split: Split = attrs.field(repr=str)
+    streams: tuple[Stream, ...] = attrs.field(converter=tuple)
+    steps: tuple[Step, ...] = attrs.field(converter=tuple, repr=lambda s: f"<{len(s)} steps>")
+    slots: tuple[int, ...] = attrs.field(converter=tuple)
+    extra_waits: tuple[Wait, ...] = attrs.field(default=(), converter=tuple)
+    options: Mapping[str, Any] = attrs.field(factory=dict, eq=False)
+
+    @property
+    def n_micro(self) -> int:
+        return self.split.n
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.model.layers)
+
+    def index(self) -> dict[tuple[int, int, str], int]:
+        """Step index of each (layer, microbatch, op)."""
+        return {s.key: i for i, s in enumerate(self.steps)}
+
+    def dependencies(self) -> list[tuple[int, ...]]:
+        """For each step, the indices of the steps whose results it reads.
+
+        Data flow within a layer, across layers (layer L's inputs are layer L-1's outputs), and
+        between microbatches when one continues a request cut by the previous one (its attention
+        reads the KV cache the previous microbatch wrote in the same layer).
+        """
+        from overlap.plan.deps import step_dependencies
+
+        return step_dependencies(self)
+
+    def waits(self) -> list[Wait]:
+        """The event waits: each dependency on a step of another stream, plus extra waits."""
+        out = []
+        for i, deps in enumerate(self.dependencies()):
+            stream = self.steps[i].stream
+            out.extend(Wait(i, d) for d in deps if self.steps[d].stream != stream)
+        return sorted({*out, *self.extra_waits})
+
+    def recorded(self) -> frozenset[int]:
+        """Steps after which an event must be recorded (someone on another stream waits)."""
+        return frozenset(w.on for w in self.waits())
+
+    # -- rendering ------------------------------------------------------------------------------
+
+    def slot_steps(self, slot: int) -> tuple[Step, ...]:
+        bounds = [*self.slots, len(self.steps)]
+        return self.steps[bounds[slot]:bounds[slot + 1]]
+
+    def render_slot(self, slot: int) -> str:
+        """One slot as stream lanes: a row per step, in host order, in its stream's column."""
+        steps = self.slot_steps(slot)
+        base = slot
+        names = [s.name for s in self.streams]
+        width = max([len(n) for n in names] + [14])
+        lines = ["  " + "".join(n.ljust(width + 2) for n in names).rstrip()]
+        for s in steps:
+            rel = s.layer - base
+            where = "L" if rel == 0 else f"L{rel:+d}"
+            cell = f"{s.op}({s.micro}) {where}"
+            lines.append("  " + " " * ((width + 2) * s.stream) + cell)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        head = (f"plan {self.strategy}: {self.split}, {self.n_layers} layers, "
+                f"streams {', '.join(s.name for s in self.streams)}")
+        parts = [head]
+        count = len(self.slots)
+        has_epilogue = count > self.n_layers
+        last_layer_slot = self.n_layers - 1
+        shown = [(0, "prologue (slot 0)")]
+        if last_layer_slot > 1:
+            mid = max(1, last_layer_slot // 2 + 1)
+            shown.append((mid, f"steady state (slot {mid}, layer L={mid})"))
+        if last_layer_slot > 0:
+            shown.append((last_layer_slot, f"last layer (slot {last_layer_slot})"))
+        if has_epilogue:
+            shown.append((count - 1, f"epilogue (slot {count - 1})"))
+        for slot, title in shown:
+            parts.append(f"{title}:")
+            parts.append(self.render_slot(slot))
+        return "\n".join(parts)
+
+    # -- serialisation ---------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form; the model graph is stored alongside so the plan is self-contained."""
+        return {
+            "schema": SCHEMA,
+            "strategy": self.strategy,
+            "options": dict(self.options),
+            "model": self.model.to_dict(),
+            "batch": [[r.query_len, r.context_len] for r in self.split.batch.requests],
+            "micro": [[m.token_start, m.token_end] for m in self.split.micro],
+            "split_reason": self.split.reason,
+            "streams": [attrs.asdict(s) for s in self.streams],
+            "steps": [list(s) for s in self.steps],
+            "slots": list(self.slots),
+            "extra_waits": [list(w) for w in self.extra_waits],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        """Inverse of :meth:`to_dict`. The result is not validated; call ``validate``."""
+        from overlap.plan.batch import Batch
+        from overlap.plan.split import Split, _micro
+
+        if data.get("schema") != SCHEMA:
+            raise PlanError(f"not a plan: 'schema' must be {SCHEMA!r} (got {data.get('schema')!r})")
+        try:
+            batch = Batch.of(tuple(r) for r in data["batch"])
+            micro = tuple(_micro(batch, i, a, b) for i, (a, b) in enumerate(data["micro"]))
+            return cls(
+                strategy=data["strategy"],
+                model=ModelGraph.from_dict(data["model"]),
+                split=Split(batch, micro, data.get("split_reason", "")),
+                streams=[Stream(**s) for s in data["streams"]],
+                steps=[Step(*s) for s in data["steps"]],
+                slots=data["slots"],
+                extra_waits=[Wait(*w) for w in data.get("extra_waits", ())],
+                options=data.get("options", {}),
+            )
+        except (KeyError, TypeError) as exc:
+            raise PlanError(f"malformed plan JSON: {exc!r}") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"plan JSON is not valid JSON: {exc}") from None
+
+
+def slots_from(groups: Iterable[Iterable[Step]]) -> tuple[tuple[Step, ...], tuple[int, ...]]:
+    """Flatten per-slot step lists into (steps, slot start indices)."""
+    steps: list[Step] = []
+    starts: list[int] = []
+    for group in groups:
+        starts.append(len(steps))
+        steps.extend(group)
+    return tuple(steps), tuple(starts)

@@ -1,0 +1,234 @@
+"""Splitting a batch into microbatches.
+
+A microbatch is a contiguous run of the batch's tokens: whole requests, plus at most one request
+cut in two at each boundary when ``split_requests`` allows it (the second piece keeps its true
+positions: its context grows by the first piece's length). Boundaries balance either tokens or
+*cost* — attention work grows with context, so equal tokens is not equal work.
+
+A split can be refused (too few tokens, too uneven); the result then has one microbatch and says
+why. Across data-parallel ranks the count must agree, or one rank would issue collectives another
+never matches: :func:`agree` takes the caller's all-reduce.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+
+from overlap.errors import ConfigError
+from overlap.ops_graph.shape import Shape
+from overlap.plan.batch import Batch
+
+BALANCES = ("tokens", "cost")
+MAX_MICROBATCHES = 8
+
+
+@attrs.frozen
+class Piece:
+    """Part of one request inside a microbatch: query tokens ``[start, start + length)``."""
+
+    request: int
+    start: int
+    length: int
+    context_len: int  # cached tokens before this piece (the request's context + earlier pieces)
+
+
+@attrs.frozen
+class MicroBatch:
+    """One microbatch: its pieces, its token range in the batch, and its shape."""
+
+    index: int
+    pieces: tuple[Piece, ...]
+    token_start: int
+    token_end: int
+    shape: Shape
+
+    @property
+    def tokens(self) -> int:
+        return self.token_end - self.token_start
+
+    @property
+    def continues_request(self) -> bool:
+        """Whether this microbatch's first piece continues a request cut by the previous one."""
+        return bool(self.pieces) and self.pieces[0].start > 0
+
+
+@attrs.frozen
+class Split:
+    """The microbatches of a batch, and why the split is what it is."""
+
+    batch: Batch
+    micro: tuple[MicroBatch, ...]
+    reason: str = ""
+
+    @property
+    def n(self) -> int:
+        return len(self.micro)
+
+    @property
+    def token_counts(self) -> tuple[int, ...]:
+        return tuple(m.tokens for m in self.micro)
+
+    def __str__(self) -> str:
+        counts = " + ".join(str(c) for c in self.token_counts)
+        return f"{self.n} microbatch{'es' if self.n > 1 else ''} ({counts} tokens)" + (
+            f"; {self.reason}" if self.reason else "")
+
+
+def _default_cost(shape: Shape) -> float:
+    return float(shape.tokens)
+
+
+def whole(batch: Batch, reason: str = "") -> Split:
+    """The unsplit batch as a single microbatch."""
+    return Split(batch, (_micro(batch, 0, 0, batch.tokens),), reason)
+
+
+def split(batch: Batch, n: int, *, balance: str = "tokens",
+          cost: Callable[[Shape], float] | None = None, split_requests: bool = False,
+          min_tokens: int = 1, max_imbalance: float = 1.0) -> Split:
+    """Split ``batch`` into ``n`` microbatches, or refuse with a reason.
+
+    balance:        ``tokens`` equalises token counts; ``cost`` equalises ``cost(shape)``
+                    (by default the token count; pass e.g. a graph's total FLOPs).
+    split_requests: allow cutting a request in two at a microbatch boundary.
+    min_tokens:     refuse when a microbatch would have fewer tokens than this.
+    max_imbalance:  refuse when (largest - smallest) / largest microbatch cost exceeds this.
+    """
+    if not 1 <= n <= MAX_MICROBATCHES:
+        raise ConfigError(f"'n' must be in 1..{MAX_MICROBATCHES} (got {n})")
+    if balance not in BALANCES:
+        raise ConfigError(f"'balance' must be one of {', '.join(BALANCES)} (got {balance!r})")
+    if min_tokens < 1:
+        raise ConfigError(f"'min_tokens' must be >= 1 (got {min_tokens})")
+    if not 0.0 <= max_imbalance <= 1.0:
+        raise ConfigError(f"'max_imbalance' must be in [0, 1] (got {max_imbalance})")
+    if n == 1:
+        return whole(batch)
+    measure = (cost or _default_cost) if balance == "cost" else _default_cost
+    if not split_requests and len(batch) < n:
+        return whole(batch, f"not split: {len(batch)} request(s) cannot fill {n} microbatches "
+                            "without splitting a request")
+    if batch.tokens < n * min_tokens:
+        return whole(batch, f"not split: {batch.tokens} tokens < {n} x min_tokens {min_tokens}")
+    cuts = _cuts(batch, n, measure, split_requests)
+    micro = tuple(_micro(batch, i, a, b) for i, (a, b) in enumerate(zip([0, *cuts], [*cuts, batch.tokens])))
+    smallest = min(m.tokens for m in micro)
+    if smallest < min_tokens:
+        return whole(batch, f"not split: a microbatch would have {smallest} tokens "
+                            f"(min_tokens {min_tokens})")
+    costs = [measure(m.shape) for m in micro]
+    imbalance = (max(costs) - min(costs)) / max(costs) if max(costs) > 0 else 0.0
+    if imbalance > max_imbalance:
+        return whole(batch, f"not split: imbalance {imbalance:.2f} > max_imbalance {max_imbalance}")
+    return Split(batch, micro)
+
+
+def _cuts(batch: Batch, n: int, measure: Callable[[Shape], float], split_requests: bool) -> list[int]:
+    """Token positions of the n-1 boundaries, each as close as possible to an equal share."""
+    starts = [0]
+    for r in batch.requests:
+        starts.append(starts[-1] + r.query_len)
+    prefix = [0.0]  # cost of the first k whole requests
+    for r in batch.requests:
+        prefix.append(prefix[-1] + measure(Shape.of_requests([(r.query_len, r.context_len)])))
+    total = prefix[-1]
+    cuts: list[int] = []
+    for k in range(1, n):
+        target = total * k / n
+        lo = cuts[-1] + 1 if cuts else 1  # keep microbatches non-empty and ordered
+        hi = batch.tokens - (n - k)
+        best = _nearest_boundary(starts, prefix, target, lo, hi)
+        if split_requests:
+            best = _inside_request(batch, starts, prefix, measure, target, lo, hi, best)
+        cuts.append(best)
+    return cuts
+
+
+def _nearest_boundary(starts: list[int], prefix: list[float], target: float, lo: int, hi: int) -> int:
+    candidates = [i for i, s in enumerate(starts) if lo <= s <= hi]
+    if not candidates:
+        return max(lo, min(hi, starts[-1]))
+    i = min(candidates, key=lambda i: (abs(prefix[i] - target), i))
+    return starts[i]
+
+
+def _inside_request(batch: Batch, starts: list[int], prefix: list[float],
+                    measure: Callable[[Shape], float], target: float, lo: int, hi: int,
+                    best: int) -> int:
+    """Move the cut inside the request that straddles ``target`` when that balances better."""
+    for i, r in enumerate(batch.requests):
+        if not prefix[i] <= target <= prefix[i + 1] or r.query_len < 2:
+            continue
+
+        def cost_until(t: int, i: int = i, r=r) -> float:
+            return prefix[i] + measure(Shape.of_requests([(t, r.context_len)])) if t else prefix[i]
+
+        a, b = 1, r.query_len - 1  # first piece length: bisect for cost_until(t) ~ target
+        while a < b:
+            mid = (a + b) // 2
+            if cost_until(mid) < target:
+                a = mid + 1
+            else:
+                b = mid
+        for t in (a - 1, a):
+            pos = starts[i] + t
+            if 0 < t < r.query_len and lo <= pos <= hi and (
+                abs(cost_until(t) - target) < abs(_cost_at(best, starts, prefix, batch, measure) - target)
+            ):
+                best = pos
+        break
+    return best
+
+
+def _cost_at(pos: int, starts: list[int], prefix: list[float], batch: Batch,
+             measure: Callable[[Shape], float]) -> float:
+    for i in range(len(batch.requests)):
+        if starts[i] <= pos < starts[i + 1]:
+            r = batch.requests[i]
+            inside = pos - starts[i]
+            extra = measure(Shape.of_requests([(inside, r.context_len)])) if inside else 0.0
+            return prefix[i] + extra
+    return prefix[-1]
+
+
+def _micro(batch: Batch, index: int, start: int, end: int) -> MicroBatch:
+    pieces = []
+    pos = 0
+    for i, r in enumerate(batch.requests):
+        a, b = max(start, pos), min(end, pos + r.query_len)
+        if a < b:
+            pieces.append(Piece(i, a - pos, b - a, r.context_len + (a - pos)))
+        pos += r.query_len
+    shape = Shape.of_requests((p.length, p.context_len) for p in pieces) if pieces else Shape(0)
+    return MicroBatch(index, tuple(pieces), start, end, shape)
+
+
+def agree(local_n: int, all_reduce_min: Callable[[int], int]) -> int:
+    """The microbatch count every data-parallel rank will use: the minimum of their wishes.
+
+    ``all_reduce_min`` is the caller's collective (e.g. ``torch.distributed.all_reduce`` with
+    ``ReduceOp.MIN`` on a one-element tensor); a rank that refused to split wishes 1, so no rank
+    microbatches while another does not.
+    """
+    agreed = int(all_reduce_min(local_n))
+    if not 1 <= agreed <= local_n:
+        raise ConfigError(f"all_reduce_min returned {agreed}, outside 1..{local_n}: not a minimum")
+    return agreed
+
+
+def split_agreed(batch: Batch, n: int, all_reduce_min: Callable[[int], int], **options) -> Split:
+    """Split locally, agree the count across ranks, and re-split to the agreed count.
+
+    A rank with fewer tokens than the agreed count still gets that many microbatches (some
+    empty), because it must take part in every collective the others issue.
+    """
+    local = split(batch, n, **options)
+    agreed = agree(local.n, all_reduce_min)
+    if agreed == local.n:
+        return local
+    if agreed == 1:
+        return whole(batch, local.reason or "not split: another data-parallel rank refused")
+    again = split(batch, agreed, **{**options, "min_tokens": 1, "max_imbalance": 1.0})
+    return again

@@ -1,0 +1,177 @@
+"""Validation of a plan against its graph, before anything runs.
+
+A plan that passes cannot deadlock, reads every value after it is written, and issues the
+collectives of each process group in an order that does not depend on the rank's data — a
+mismatched collective order hangs a cluster, so it must be caught on CPU, not on the cluster.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+from overlap.errors import PlanError
+from overlap.ops_graph.op import OpKind
+from overlap.plan.plan import Plan, Step
+
+
+def validate(plan: Plan) -> Plan:
+    """Check ``plan`` and return it; raise :class:`~overlap.errors.PlanError` saying what is wrong.
+
+    1. every (layer, microbatch, op) is issued exactly once, on a stream of the right kind;
+    2. the collectives of each process group are all on one stream (their order is then fixed);
+    3. no wait-for cycle among stream order, data dependencies and explicit waits (deadlock);
+    4. every dependency is issued before the step that needs it (an event is recorded before
+       anyone waits on it).
+    """
+    _check_coverage(plan)
+    _check_groups(plan)
+    deps = plan.dependencies()
+    _check_deadlock(plan, deps)
+    _check_order(plan, deps)
+    return plan
+
+
+def _name(plan: Plan, i: int) -> str:
+    s = plan.steps[i]
+    return f"{s.op} (layer {s.layer}, microbatch {s.micro}, stream {plan.streams[s.stream].name})"
+
+
+def _check_coverage(plan: Plan) -> None:
+    layers, n_micro, streams = plan.model.layers, plan.n_micro, plan.streams
+    seen: set[tuple[int, int, str]] = set()
+    for step in plan.steps:
+        layer, micro, op, stream = step
+        where = f"plan {plan.strategy!r}: step {op}({micro})@{layer}"
+        if not 0 <= layer < len(layers):
+            raise PlanError(f"{where}: layer {layer} out of range 0..{len(layers) - 1}")
+        if not 0 <= micro < n_micro:
+            raise PlanError(f"{where}: microbatch {micro} out of range 0..{n_micro - 1}")
+        if op not in layers[layer]:
+            raise PlanError(f"{where}: layer {layer} ({layers[layer].name}) has no op {op!r}")
+        if not 0 <= stream < len(streams):
+            raise PlanError(f"{where}: stream {stream} out of range 0..{len(streams) - 1}")
+        kind = layers[layer][op].kind
+        if not streams[stream].accepts(kind):
+            raise PlanError(f"{where}: a {kind.value} op cannot run on {streams[stream].kind} "
+                            f"stream {streams[stream].name!r}")
+        if step.key in seen:
+            raise PlanError(f"{where} is issued twice")
+        seen.add(step.key)
+    expected = sum(len(g) for g in layers) * n_micro
+    if len(seen) != expected:
+        for layer, graph in enumerate(layers):
+            for micro in range(n_micro):
+                for op in graph.order:
+                    if (layer, micro, op) not in seen:
+                        raise PlanError(f"plan {plan.strategy!r}: {op}({micro})@{layer} is never "
+                                        f"issued ({len(seen)} of {expected} steps present)")
+    bounds = [*plan.slots, len(plan.steps)]
+    if not plan.slots or plan.slots[0] != 0 or any(a > b for a, b in zip(bounds, bounds[1:])):
+        raise PlanError(f"plan {plan.strategy!r}: slot starts {plan.slots} must begin at 0 and "
+                        f"increase up to {len(plan.steps)}")
+
+
+def _check_groups(plan: Plan) -> None:
+    streams_of: dict[str, set[str]] = defaultdict(set)
+    for step in plan.steps:
+        op = plan.model.layers[step.layer][step.op]
+        if op.kind is OpKind.COMM:
+            streams_of[op.comm.group].add(plan.streams[step.stream].name)
+    for group, names in sorted(streams_of.items()):
+        if len(names) > 1:
+            raise PlanError(
+                f"plan {plan.strategy!r}: collectives of process group {group!r} are on streams "
+                f"{', '.join(sorted(names))}; their relative order would depend on timing and "
+                "could differ between ranks (put them on one stream)"
+            )
+
+
+def _check_deadlock(plan: Plan, deps: list[tuple[int, ...]]) -> None:
+    # Wait-for graph: a step waits for its stream predecessor, its inputs and explicit waits.
+    n = len(plan.steps)
+    waits_for: list[list[int]] = [list(d) for d in deps]
+    last: dict[int, int] = {}
+    for i, step in enumerate(plan.steps):
+        if step.stream in last:
+            waits_for[i].append(last[step.stream])
+        last[step.stream] = i
+    for w in plan.extra_waits:
+        if not (0 <= w.waiter < n and 0 <= w.on < n):
+            raise PlanError(f"plan {plan.strategy!r}: extra wait {tuple(w)} names a step outside 0..{n - 1}")
+        waits_for[w.waiter].append(w.on)
+    state = [0] * n  # 0 new, 1 on stack, 2 done
+    for root in range(n):
+        if state[root]:
+            continue
+        stack = [(root, iter(waits_for[root]))]
+        state[root] = 1
+        while stack:
+            node, edges = stack[-1]
+            nxt = next(edges, None)
+            if nxt is None:
+                state[node] = 2
+                stack.pop()
+            elif state[nxt] == 1:
+                path = [s for s, _ in stack]
+                cycle = [*path[path.index(nxt):], nxt]
+                raise PlanError(f"plan {plan.strategy!r} deadlocks: wait-for cycle "
+                                + " -> ".join(_name(plan, i) for i in cycle))
+            elif state[nxt] == 0:
+                state[nxt] = 1
+                stack.append((nxt, iter(waits_for[nxt])))
+
+
+def _check_order(plan: Plan, deps: list[tuple[int, ...]]) -> None:
+    pairs = [(i, d) for i, ds in enumerate(deps) for d in ds] + [tuple(w) for w in plan.extra_waits]
+    for waiter, on in pairs:
+        if on >= waiter:
+            raise PlanError(
+                f"plan {plan.strategy!r}: {_name(plan, waiter)} is issued before "
+                f"{_name(plan, on)}, which it waits for: the event would be waited on before it "
+                "is recorded"
+            )
+
+
+def collective_order(plan: Plan) -> dict[str, list[tuple[int, int, str]]]:
+    """Per process group, the (layer, microbatch, op) of each collective in issue order."""
+    out: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
+    for step in plan.steps:
+        op = plan.model.layers[step.layer][step.op]
+        if op.kind is OpKind.COMM:
+            out[op.comm.group].append(step.key)
+    return dict(out)
+
+
+def check_rank_symmetry(plans: Sequence[Plan]) -> None:
+    """Raise unless every rank's plan issues the same collectives in the same order per group.
+
+    Ranks hold different tokens, so their splits differ; the collective order must not.
+    """
+    if not plans:
+        return
+    reference = collective_order(plans[0])
+    for rank, plan in enumerate(plans[1:], start=1):
+        if plan.n_micro != plans[0].n_micro:
+            raise PlanError(f"rank 0 uses {plans[0].n_micro} microbatches but rank {rank} uses "
+                            f"{plan.n_micro}: agree the count across ranks first (plan.split.agree)")
+        order = collective_order(plan)
+        for group in sorted(set(reference) | set(order)):
+            a, b = reference.get(group, []), order.get(group, [])
+            for pos, (x, y) in enumerate(zip(a, b)):
+                if x != y:
+                    raise PlanError(
+                        f"process group {group!r}: collective #{pos} is {_key(x)} on rank 0 but "
+                        f"{_key(y)} on rank {rank}; the ranks would hang"
+                    )
+            if len(a) != len(b):
+                raise PlanError(f"process group {group!r}: rank 0 issues {len(a)} collectives, "
+                                f"rank {rank} issues {len(b)}")
+
+
+def _key(k: tuple[int, int, str]) -> str:
+    return f"{k[2]}({k[1]})@{k[0]}"
+
+
+def step_label(step: Step) -> str:
+    return _key(step.key)
