@@ -56,8 +56,10 @@ class Backend(Protocol):
 
     A *handle* is the backend's object for one plan stream; an *event* marks a point in a stream.
     ``submit``, ``record`` and ``wait`` only *issue*: they may return before the work runs.
-    Optional extra: ``use(handle, value)`` is called when a step reads a value produced on another
-    stream (device backends use it to keep the memory alive for that stream).
+    Optional extras: ``use(handle, value)`` is called when a step reads a value produced on another
+    stream (device backends use it to keep the memory alive for that stream); a true
+    ``implicit_waits`` attribute says the backend orders streams by data dependencies only (graph
+    capture), and the executor then refuses plans that need more.
     """
 
     name: str
@@ -186,6 +188,22 @@ class _Program:
         self.names = {s: f"{v!r} (layer {lay}, microbatch {m})" for (lay, m, v), s in slot.items()}
 
 
+def _check_implicit_waits(plan: Plan, backend: str) -> None:
+    """Refuse a plan whose order needs waits a graph-capturing backend cannot express: explicit
+    waits without a data edge, and HOST ops (a host sync cannot be captured)."""
+    deps = plan.dependencies()
+    explicit = [w for w in plan.extra_waits if w.on not in deps[w.waiter]]
+    if explicit:
+        shown = ", ".join(f"{plan.steps[w.waiter].label()} after {plan.steps[w.on].label()}"
+                          for w in explicit[:3])
+        raise ConfigError(f"backend {backend!r} orders streams by data dependencies only, but plan "
+                          f"{plan.strategy!r} has {len(explicit)} explicit wait(s) ({shown})")
+    host = [s.label() for s in plan.steps if plan.model.layers[s.layer][s.op].kind is OpKind.HOST]
+    if host:
+        raise ConfigError(f"backend {backend!r} captures a graph, which cannot contain the host op(s) "
+                          f"{', '.join(host[:3])} of plan {plan.strategy!r}")
+
+
 class Executor:
     """Runs a Plan on a backend: ``Executor(plan, "threads").run({"hidden": x, ...})``.
 
@@ -198,6 +216,8 @@ class Executor:
         self.plan = plan
         self._owns_backend = isinstance(backend, str)
         self.backend: Backend = get_backend(backend) if isinstance(backend, str) else backend
+        if getattr(self.backend, "implicit_waits", False):
+            _check_implicit_waits(plan, self.backend.name)
         self._program = _Program(plan)
         self._handles = [self.backend.make_stream(s) for s in plan.streams]
         self._env: list[Any] = [MISSING] * self._program.n_slots
