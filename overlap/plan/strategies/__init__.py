@@ -17,6 +17,7 @@ from overlap.ops_graph.op import Role
 from overlap.plan.plan import DEFAULT_STREAMS, Plan
 from overlap.plan.split import Split
 from overlap.plan.strategies.ascend_dbo import ascend_dbo
+from overlap.plan.strategies.auto import auto
 from overlap.plan.strategies.deepseek import deepseek_decode, deepseek_prefill
 from overlap.plan.strategies.engine import VECTOR_STREAM
 from overlap.plan.strategies.multistream_mla import ascend_multistream_mla
@@ -35,6 +36,7 @@ STRATEGIES: Mapping[str, Strategy] = MappingProxyType({
     "deepseek_prefill": deepseek_prefill,
     "deepseek_decode": deepseek_decode,
     "ascend_multistream_mla": ascend_multistream_mla,
+    "auto": auto,
 })
 
 # Strategies that overlap microbatches (and so want a split of 2).
