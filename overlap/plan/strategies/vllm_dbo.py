@@ -1,11 +1,14 @@
-"""``vllm_dbo``: upstream vLLM's ``--enable-dbo``.
+"""``vllm_dbo``: upstream vLLM's dual-batch overlap (``--enable-dbo``).
 
-Two ubatch threads ping-pong: each runs until it launches a collective, then yields to the other.
-The shared experts run while the dispatch is in flight, before the routed experts, and the
-merge of one ubatch overlaps the other's combine.
+Two ubatch threads take turns on the host (``v1/worker/ubatching.py``); a thread yields to the
+other right after it launches a collective. The yield points sit in the modular fused-MoE kernel
+(``FusedMoEModularKernel._prepare`` / ``_finalize``): after the dispatch is launched, and after
+the combine is launched and the shared experts are issued behind it. So the shared experts hide
+the combine, and the merge (plus the next layer's attention) runs while the other ubatch's
+combine is in flight:
 
-    per ubatch:  attn gate dispatch | shared experts combine | merge
-    order:       U0 U1 | U0 U1 | U0 U1
+    per ubatch:  attn gate dispatch | experts combine shared | merge + next layer's attn ...
+    issue order: U0 U1 | U0 U1 | U0 U1 ...
 """
 
 from __future__ import annotations
@@ -13,15 +16,12 @@ from __future__ import annotations
 from overlap.ops_graph.graph import ModelGraph
 from overlap.plan.plan import Plan
 from overlap.plan.split import Split
-from overlap.plan.strategies.engine import build, ping_pong
+from overlap.plan.strategies.engine import build, staggered
 
-GROUPS = (
-    ("attn0", "attn1", "tp_attn", "gate", "dispatch"),
-    ("shared", "experts", "combine"),
-    ("merge", "tp_ffn"),
-)
+HEAD = (("attn0", "attn1", "tp_attn", "gate", "dispatch"), ("experts", "combine", "shared"))
+TAIL = ("merge", "tp_ffn")
 
 
 def vllm_dbo(model: ModelGraph, split: Split) -> Plan:
     """Switch ubatch at every collective launch."""
-    return build("vllm_dbo", model, split, ping_pong(split.n, GROUPS))
+    return build("vllm_dbo", model, split, staggered(split.n, HEAD, TAIL))
