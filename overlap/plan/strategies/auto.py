@@ -58,6 +58,8 @@ _SEQUENCES = {
                              "combine", "shared", "merge", "tp_ffn"),
 }
 _COMMS = ("tp_attn", "dispatch", "combine", "tp_ffn")
+_ATTN = ("attn0", "attn1", "tp_attn", "gate")
+_TAIL = ("merge", "tp_ffn")
 
 
 @attrs.frozen
@@ -127,7 +129,10 @@ def orders(n: int, present: Sequence[str] = STAGES) -> Iterator[tuple[str, tuple
       microbatch's final ``d`` groups are deferred into the next layer slot (``delta=1``), just
       after microbatch 0's head (ascend_dbo, sglang_tbo and vllm_dbo are ``d=0`` members);
     - ``stagger``: microbatch ``m`` runs ``m * lag`` stages behind microbatch 0, its overflow
-      wrapping into the next slot — DeepSeek's prefill and decode pipelines, for any ``n``.
+      wrapping into the next slot;
+
+    and DeepSeek's prefill and decode pipelines generalised to ``n`` microbatches (for n=2
+    exactly the named ``deepseek_prefill`` and ``deepseek_decode`` patterns).
 
     Stages absent from the graphs go last; they hold no ops.
     """
@@ -136,6 +141,8 @@ def orders(n: int, present: Sequence[str] = STAGES) -> Iterator[tuple[str, tuple
     if n == 1:
         yield "in_order", tuple((0, 0, s) for s in STAGES)
         return
+    yield "deepseek_prefill_n", _deepseek_prefill(n)
+    yield "deepseek_decode_n", _deepseek_decode(n)
     for seq_name, full in _SEQUENCES.items():
         seq = [s for s in full if s in present]
         for cut in ("per_stage", "per_comm"):
@@ -146,6 +153,35 @@ def orders(n: int, present: Sequence[str] = STAGES) -> Iterator[tuple[str, tuple
         for lag in range(1, len(seq) // max(1, n - 1) + 1):
             if (n - 1) * lag < len(seq):
                 yield f"stagger/{seq_name}/lag{lag}", _stagger(seq, n, lag) + pad
+
+
+def _deepseek_prefill(n: int) -> tuple[Entry, ...]:
+    """Attention and dispatch of each microbatch in turn — the last one's shared experts and
+    tail (previous layer) after microbatch 0's — then experts and combine of each, then the
+    other microbatches' shared experts and tails."""
+    last = n - 1
+    out: list[Entry] = []
+    for m in range(n):
+        out += [*[(0, m, s) for s in _ATTN], (0, m, "dispatch")]
+        if m == 0:
+            out += [(1, last, s) for s in ("shared", *_TAIL)]
+    for m in range(n):
+        out += [(0, m, "experts"), (0, m, "combine")]
+    for m in range(last):
+        out += [(0, m, s) for s in ("shared", *_TAIL)]
+    return tuple(out)
+
+
+def _deepseek_decode(n: int) -> tuple[Entry, ...]:
+    """Microbatch m's ATTN-0 beside microbatch m-1's experts and combine (the last one's from
+    the previous layer), then m's ATTN-1, dispatch and shared experts, then m-1's tail."""
+    out: list[Entry] = []
+    for m in range(n):
+        prev, delta = (m - 1, 0) if m else (n - 1, 1)
+        out += [(0, m, "attn0"), (delta, prev, "experts"), (delta, prev, "combine"),
+                *[(0, m, s) for s in _ATTN[1:]], (0, m, "dispatch"), (0, m, "shared"),
+                *[(delta, prev, s) for s in _TAIL]]
+    return tuple(out)
 
 
 def _groups(seq: Sequence[str], cut: str) -> list[tuple[str, ...]]:
