@@ -32,7 +32,7 @@ def kv_ops(graph: Graph) -> tuple[str, str] | None:
 
 def _input_sources(graphs: list[Graph], layer: int, value: str) -> tuple[int, str] | None:
     """(layer, op) that produced graph input ``value`` of ``layer``, looking back through layers
-    that pass a value straight through."""
+    that pass a value straight through; None when it is the model's own input."""
     while layer > 0:
         graph, prev = graphs[layer], graphs[layer - 1]
         out = prev.outputs[graph.inputs.index(value)]
@@ -40,6 +40,33 @@ def _input_sources(graphs: list[Graph], layer: int, value: str) -> tuple[int, st
             return layer - 1, prev.producer[out]
         layer, value = layer - 1, out
     return None
+
+
+def _layer_tables(graphs: list[Graph]) -> list[dict[str, tuple[tuple[str, ...], tuple]]]:
+    """Per layer: each op's producers in the same layer, and (layer, op) producers of the graph
+    inputs it reads in earlier layers. Layers with the same graph and predecessor share a table."""
+    tables = []
+    shared: dict[tuple[int, int], dict] = {}
+    for layer, graph in enumerate(graphs):
+        key = (id(graph), id(graphs[layer - 1]) if layer else 0)
+        reach_back = layer > 1 and key in shared and _passes_through(graphs[layer - 1])
+        if key in shared and not reach_back:
+            tables.append(shared[key])
+            continue
+        table = {}
+        inputs = set(graph.inputs)
+        for op in graph.ops:
+            srcs = {_input_sources(graphs, layer, v) for v in op.reads if v in inputs}
+            cross = tuple((src[0] - layer, src[1]) for src in srcs if src is not None)
+            table[op.name] = (graph.deps[op.name], cross)
+        shared[key] = table
+        tables.append(table)
+    return tables
+
+
+def _passes_through(graph: Graph) -> bool:
+    """Whether some output of ``graph`` is one of its inputs (so sources reach further back)."""
+    return any(v not in graph.producer for v in graph.outputs)
 
 
 def step_dependencies(plan: Plan) -> list[tuple[int, ...]]:
@@ -50,28 +77,28 @@ def step_dependencies(plan: Plan) -> list[tuple[int, ...]]:
     """
     graphs = list(plan.model.layers)
     index = plan.index()
+    get = index.get
+    tables = _layer_tables(graphs)
     carries = [m.continues_request for m in plan.split.micro]
-    cross_cache: dict[tuple[int, str], tuple[tuple[int, str], ...]] = {}
-    kv_cache: dict[int, tuple[str, str] | None] = {}
+    kv_reader: dict[int, tuple[str, str] | None] = {}
+    n_layers = len(graphs)
     out: list[tuple[int, ...]] = []
-    for step in plan.steps:
-        layer, micro, op_name, _ = step
-        if not 0 <= layer < len(graphs) or op_name not in graphs[layer]:
-            out.append(())
+    append = out.append
+    for layer, micro, op_name, _ in plan.steps:
+        entry = tables[layer].get(op_name) if 0 <= layer < n_layers else None
+        if entry is None:
+            append(())
             continue
-        graph = graphs[layer]
-        deps = [index.get((layer, micro, d)) for d in graph.deps[op_name]]
-        key = (layer, op_name)
-        if key not in cross_cache:
-            srcs = {_input_sources(graphs, layer, v) for v in graph[op_name].reads if v in graph.inputs}
-            cross_cache[key] = tuple(s for s in srcs if s is not None)
-        deps.extend(index.get((lay, micro, name)) for lay, name in cross_cache[key])
-        if micro > 0 and carries[micro]:
-            gid = id(graph)
-            if gid not in kv_cache:
-                kv_cache[gid] = kv_ops(graph)
-            kv = kv_cache[gid]
+        intra, cross = entry
+        deps = [get((layer, micro, d)) for d in intra]
+        for offset, name in cross:
+            deps.append(get((layer + offset, micro, name)))
+        if micro > 0 and micro < len(carries) and carries[micro]:
+            graph = graphs[layer]
+            if id(graph) not in kv_reader:
+                kv_reader[id(graph)] = kv_ops(graph)
+            kv = kv_reader[id(graph)]
             if kv and op_name == kv[1]:
-                deps.append(index.get((layer, micro - 1, kv[0])))
-        out.append(tuple(sorted({d for d in deps if d is not None})))
+                deps.append(get((layer, micro - 1, kv[0])))
+        append(tuple(sorted({d for d in deps if d is not None})))
     return out

@@ -93,6 +93,8 @@ class Plan:
     slots: tuple[int, ...] = attrs.field(converter=tuple)
     extra_waits: tuple[Wait, ...] = attrs.field(default=(), converter=tuple)
     options: Mapping[str, Any] = attrs.field(factory=dict, eq=False)
+    # Derived tables computed on first use (the plan itself never changes).
+    _memo: dict[str, Any] = attrs.field(factory=dict, init=False, eq=False, repr=False)
 
     @property
     def n_micro(self) -> int:
@@ -104,7 +106,9 @@ class Plan:
 
     def index(self) -> dict[tuple[int, int, str], int]:
         """Step index of each (layer, microbatch, op)."""
-        return {s.key: i for i, s in enumerate(self.steps)}
+        if "index" not in self._memo:
+            self._memo["index"] = {s[:3]: i for i, s in enumerate(self.steps)}
+        return dict(self._memo["index"])
 
     def dependencies(self) -> list[tuple[int, ...]]:
         """For each step, the indices of the steps whose results it reads.
@@ -115,15 +119,18 @@ class Plan:
         """
         from overlap.plan.deps import step_dependencies
 
-        return step_dependencies(self)
+        if "deps" not in self._memo:
+            self._memo["deps"] = tuple(step_dependencies(self))
+        return list(self._memo["deps"])
 
     def waits(self) -> list[Wait]:
         """The event waits: each dependency on a step of another stream, plus extra waits."""
-        out = []
-        for i, deps in enumerate(self.dependencies()):
-            stream = self.steps[i].stream
-            out.extend(Wait(i, d) for d in deps if self.steps[d].stream != stream)
-        return sorted({*out, *self.extra_waits})
+        if "waits" not in self._memo:
+            steps = self.steps
+            out = {Wait(i, d) for i, deps in enumerate(self.dependencies())
+                   for d in deps if steps[d][3] != steps[i][3]}
+            self._memo["waits"] = tuple(sorted(out.union(self.extra_waits)))
+        return list(self._memo["waits"])
 
     def recorded(self) -> frozenset[int]:
         """Steps after which an event must be recorded (someone on another stream waits)."""
@@ -132,39 +139,67 @@ class Plan:
     # -- rendering ------------------------------------------------------------------------------
 
     def slot_steps(self, slot: int) -> tuple[Step, ...]:
+        """The steps of slot ``slot`` in host order."""
         bounds = [*self.slots, len(self.steps)]
         return self.steps[bounds[slot]:bounds[slot + 1]]
 
+    def slot_layer(self, slot: int) -> int:
+        """The layer a slot starts (its newest layer); the epilogue's is ``n_layers``."""
+        return max(s.layer for s in self.slot_steps(slot)) + self._is_epilogue(slot)
+
+    def _is_epilogue(self, slot: int) -> bool:
+        return slot == len(self.slots) - 1 and len(self.slots) > self.n_layers
+
     def render_slot(self, slot: int) -> str:
-        """One slot as stream lanes: a row per step, in host order, in its stream's column."""
-        steps = self.slot_steps(slot)
-        base = slot
-        names = [s.name for s in self.streams]
-        width = max([len(n) for n in names] + [14])
-        lines = ["  " + "".join(n.ljust(width + 2) for n in names).rstrip()]
-        for s in steps:
+        """One slot as stream lanes: a row per step, in host order, in its stream's column.
+
+        A step is labelled ``op(microbatch)`` with ``L-1`` when it finishes the previous layer,
+        and ``*`` when it waits for an event recorded on another stream.
+        """
+        base = self.slot_layer(slot)
+        waiting = {w.waiter for w in self.waits()}
+        start = ([*self.slots, len(self.steps)])[slot]
+        width = max([len(s.name) for s in self.streams] + [16])
+        lines = ["  " + "".join(s.name.ljust(width + 2) for s in self.streams).rstrip()]
+        for i, s in enumerate(self.slot_steps(slot), start):
             rel = s.layer - base
-            where = "L" if rel == 0 else f"L{rel:+d}"
-            cell = f"{s.op}({s.micro}) {where}"
+            cell = f"{'*' if i in waiting else ''}{s.op}({s.micro}){'' if rel == 0 else f' L{rel:+d}'}"
             lines.append("  " + " " * ((width + 2) * s.stream) + cell)
         return "\n".join(lines)
 
-    def __str__(self) -> str:
-        head = (f"plan {self.strategy}: {self.split}, {self.n_layers} layers, "
-                f"streams {', '.join(s.name for s in self.streams)}")
-        parts = [head]
+    def shown_slots(self) -> list[tuple[int, str]]:
+        """The slots ``print(plan)`` shows, each with its title: the prologue, one steady-state
+        slot (the middle one), the last layer's slot and the epilogue, as far as they exist."""
         count = len(self.slots)
-        has_epilogue = count > self.n_layers
-        last_layer_slot = self.n_layers - 1
-        shown = [(0, "prologue (slot 0)")]
-        if last_layer_slot > 1:
-            mid = max(1, last_layer_slot // 2 + 1)
-            shown.append((mid, f"steady state (slot {mid}, layer L={mid})"))
-        if last_layer_slot > 0:
-            shown.append((last_layer_slot, f"last layer (slot {last_layer_slot})"))
-        if has_epilogue:
-            shown.append((count - 1, f"epilogue (slot {count - 1})"))
-        for slot, title in shown:
+        epilogue = count > self.n_layers
+        last = count - 2 if epilogue else count - 1
+        shown: dict[int, str] = {}
+        shown[0] = "prologue" if count > 1 else "only slot"
+        if last > 1:
+            shown[self._steady_slot(last)] = "steady state"
+        if last > 0:
+            shown[last] = "last layer"
+        if epilogue and count > 1:
+            shown[count - 1] = "epilogue"
+        return [(slot, f"{title} (slot {slot}, layer L={self.slot_layer(slot)})"
+                 if title != "epilogue" else f"epilogue (slot {slot})")
+                for slot, title in sorted(shown.items())]
+
+    def _steady_slot(self, last: int) -> int:
+        """The middle slot among those that run the last layer's graph after itself (the
+        repeating pattern), or the middle slot when none does."""
+        layers = self.model.layers
+        same = [slot for slot in range(1, last)
+                if 0 < (lay := self.slot_layer(slot)) < len(layers)
+                and layers[lay] is layers[lay - 1] is layers[-1]]
+        return same[(len(same) - 1) // 2] if same else (last + 1) // 2
+
+    def __str__(self) -> str:
+        head = (f"plan {self.strategy}: {self.split}, {self.n_layers} layer"
+                f"{'s' if self.n_layers != 1 else ''}, streams "
+                f"{', '.join(s.name for s in self.streams)}; * waits for an event")
+        parts = [head]
+        for slot, title in self.shown_slots():
             parts.append(f"{title}:")
             parts.append(self.render_slot(slot))
         return "\n".join(parts)

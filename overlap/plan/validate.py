@@ -24,8 +24,9 @@ def validate(plan: Plan) -> Plan:
     4. every dependency is issued before the step that needs it (an event is recorded before
        anyone waits on it).
     """
-    _check_coverage(plan)
-    _check_groups(plan)
+    tables = _op_tables(plan)
+    _check_coverage(plan, tables)
+    _check_groups(plan, tables)
     deps = plan.dependencies()
     _check_deadlock(plan, deps)
     _check_order(plan, deps)
@@ -37,47 +38,69 @@ def _name(plan: Plan, i: int) -> str:
     return f"{s.op} (layer {s.layer}, microbatch {s.micro}, stream {plan.streams[s.stream].name})"
 
 
-def _check_coverage(plan: Plan) -> None:
+def _op_tables(plan: Plan) -> list[dict[str, tuple[OpKind, str | None]]]:
+    """Per layer, each op's kind and process group (None unless a collective); layers sharing a
+    graph share the table."""
+    by_graph: dict[int, dict[str, tuple[OpKind, str | None]]] = {}
+    for g in plan.model.distinct():
+        by_graph[id(g)] = {op.name: (op.kind, op.comm.group if op.comm else None) for op in g.ops}
+    return [by_graph[id(g)] for g in plan.model.layers]
+
+
+def _check_coverage(plan: Plan, tables: list[dict[str, tuple[OpKind, str | None]]]) -> None:
     layers, n_micro, streams = plan.model.layers, plan.n_micro, plan.streams
-    seen: set[tuple[int, int, str]] = set()
+    accepts = [{kind: s.accepts(kind) for kind in OpKind} for s in streams]
+    n_layers, n_streams = len(layers), len(streams)
     for step in plan.steps:
         layer, micro, op, stream = step
-        where = f"plan {plan.strategy!r}: step {op}({micro})@{layer}"
-        if not 0 <= layer < len(layers):
-            raise PlanError(f"{where}: layer {layer} out of range 0..{len(layers) - 1}")
-        if not 0 <= micro < n_micro:
-            raise PlanError(f"{where}: microbatch {micro} out of range 0..{n_micro - 1}")
-        if op not in layers[layer]:
-            raise PlanError(f"{where}: layer {layer} ({layers[layer].name}) has no op {op!r}")
-        if not 0 <= stream < len(streams):
-            raise PlanError(f"{where}: stream {stream} out of range 0..{len(streams) - 1}")
-        kind = layers[layer][op].kind
-        if not streams[stream].accepts(kind):
-            raise PlanError(f"{where}: a {kind.value} op cannot run on {streams[stream].kind} "
-                            f"stream {streams[stream].name!r}")
-        if step.key in seen:
-            raise PlanError(f"{where} is issued twice")
-        seen.add(step.key)
+        if not (0 <= layer < n_layers and 0 <= micro < n_micro and 0 <= stream < n_streams
+                and op in tables[layer] and accepts[stream][tables[layer][op][0]]):
+            _bad_step(plan, step)
+    keys = {s[:3] for s in plan.steps}
+    if len(keys) != len(plan.steps):
+        seen: set[tuple[int, int, str]] = set()
+        for step in plan.steps:
+            if step[:3] in seen:
+                raise PlanError(f"plan {plan.strategy!r}: step {_key(step[:3])} is issued twice")
+            seen.add(step[:3])
     expected = sum(len(g) for g in layers) * n_micro
-    if len(seen) != expected:
+    if len(keys) != expected:
         for layer, graph in enumerate(layers):
             for micro in range(n_micro):
                 for op in graph.order:
-                    if (layer, micro, op) not in seen:
+                    if (layer, micro, op) not in keys:
                         raise PlanError(f"plan {plan.strategy!r}: {op}({micro})@{layer} is never "
-                                        f"issued ({len(seen)} of {expected} steps present)")
+                                        f"issued ({len(keys)} of {expected} steps present)")
     bounds = [*plan.slots, len(plan.steps)]
     if not plan.slots or plan.slots[0] != 0 or any(a > b for a, b in zip(bounds, bounds[1:])):
         raise PlanError(f"plan {plan.strategy!r}: slot starts {plan.slots} must begin at 0 and "
                         f"increase up to {len(plan.steps)}")
 
 
-def _check_groups(plan: Plan) -> None:
+def _bad_step(plan: Plan, step: Step) -> None:
+    """Raise the error that explains why ``step`` cannot be issued."""
+    layers, n_micro, streams = plan.model.layers, plan.n_micro, plan.streams
+    layer, micro, op, stream = step
+    where = f"plan {plan.strategy!r}: step {op}({micro})@{layer}"
+    if not 0 <= layer < len(layers):
+        raise PlanError(f"{where}: layer {layer} out of range 0..{len(layers) - 1}")
+    if not 0 <= micro < n_micro:
+        raise PlanError(f"{where}: microbatch {micro} out of range 0..{n_micro - 1}")
+    if op not in layers[layer]:
+        raise PlanError(f"{where}: layer {layer} ({layers[layer].name}) has no op {op!r}")
+    if not 0 <= stream < len(streams):
+        raise PlanError(f"{where}: stream {stream} out of range 0..{len(streams) - 1}")
+    kind = layers[layer][op].kind
+    raise PlanError(f"{where}: a {kind.value} op cannot run on {streams[stream].kind} "
+                    f"stream {streams[stream].name!r}")
+
+
+def _check_groups(plan: Plan, tables: list[dict[str, tuple[OpKind, str | None]]]) -> None:
     streams_of: dict[str, set[str]] = defaultdict(set)
-    for step in plan.steps:
-        op = plan.model.layers[step.layer][step.op]
-        if op.kind is OpKind.COMM:
-            streams_of[op.comm.group].add(plan.streams[step.stream].name)
+    for layer, _, op, stream in plan.steps:
+        group = tables[layer][op][1]
+        if group is not None:
+            streams_of[group].add(plan.streams[stream].name)
     for group, names in sorted(streams_of.items()):
         if len(names) > 1:
             raise PlanError(
@@ -89,7 +112,15 @@ def _check_groups(plan: Plan) -> None:
 
 def _check_deadlock(plan: Plan, deps: list[tuple[int, ...]]) -> None:
     # Wait-for graph: a step waits for its stream predecessor, its inputs and explicit waits.
+    # Stream predecessors come earlier in host order; only an edge to a later step can close a
+    # cycle, so the search runs only when there is one.
     n = len(plan.steps)
+    for w in plan.extra_waits:
+        if not (0 <= w.waiter < n and 0 <= w.on < n):
+            raise PlanError(f"plan {plan.strategy!r}: extra wait {tuple(w)} names a step outside 0..{n - 1}")
+    if all(d < i for i, ds in enumerate(deps) for d in ds) and all(
+            w.on < w.waiter for w in plan.extra_waits):
+        return
     waits_for: list[list[int]] = [list(d) for d in deps]
     last: dict[int, int] = {}
     for i, step in enumerate(plan.steps):
@@ -97,8 +128,6 @@ def _check_deadlock(plan: Plan, deps: list[tuple[int, ...]]) -> None:
             waits_for[i].append(last[step.stream])
         last[step.stream] = i
     for w in plan.extra_waits:
-        if not (0 <= w.waiter < n and 0 <= w.on < n):
-            raise PlanError(f"plan {plan.strategy!r}: extra wait {tuple(w)} names a step outside 0..{n - 1}")
         waits_for[w.waiter].append(w.on)
     state = [0] * n  # 0 new, 1 on stack, 2 done
     for root in range(n):
@@ -123,8 +152,8 @@ def _check_deadlock(plan: Plan, deps: list[tuple[int, ...]]) -> None:
 
 
 def _check_order(plan: Plan, deps: list[tuple[int, ...]]) -> None:
-    pairs = [(i, d) for i, ds in enumerate(deps) for d in ds] + [tuple(w) for w in plan.extra_waits]
-    for waiter, on in pairs:
+    late = [(i, ds[-1]) for i, ds in enumerate(deps) if ds and ds[-1] >= i]
+    for waiter, on in [*late, *(tuple(w) for w in plan.extra_waits)]:
         if on >= waiter:
             raise PlanError(
                 f"plan {plan.strategy!r}: {_name(plan, waiter)} is issued before "
@@ -136,10 +165,11 @@ def _check_order(plan: Plan, deps: list[tuple[int, ...]]) -> None:
 def collective_order(plan: Plan) -> dict[str, list[tuple[int, int, str]]]:
     """Per process group, the (layer, microbatch, op) of each collective in issue order."""
     out: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
-    for step in plan.steps:
-        op = plan.model.layers[step.layer][step.op]
-        if op.kind is OpKind.COMM:
-            out[op.comm.group].append(step.key)
+    tables = _op_tables(plan)
+    for layer, micro, op, _ in plan.steps:
+        group = tables[layer][op][1]
+        if group is not None:
+            out[group].append((layer, micro, op))
     return dict(out)
 
 

@@ -29,7 +29,7 @@ from overlap.plan.plan import Plan
 from overlap.plan.split import Split
 from overlap.plan.strategies.engine import build, in_order
 
-ATTN = ("attn0", "attn1", "tp_attn", "gate")
+HEAD = ("attn0", "attn1", "tp_attn", "gate")
 TAIL = ("merge", "tp_ffn")
 
 
@@ -38,9 +38,9 @@ def _all(delta: int, micro: int, names: tuple[str, ...]) -> list[tuple[int, int,
 
 
 PREFILL = [
-    *_all(0, 0, ATTN), (0, 0, "dispatch"),                      # ATTN(0), DISPATCH(0)
+    *_all(0, 0, HEAD), (0, 0, "dispatch"),                      # ATTN(0), DISPATCH(0)
     *_all(1, 1, ("shared", *TAIL)),                             # SHARED(1, L-1)
-    *_all(0, 1, ATTN), (0, 1, "dispatch"),                      # ATTN(1), DISPATCH(1)
+    *_all(0, 1, HEAD), (0, 1, "dispatch"),                      # ATTN(1), DISPATCH(1)
     (0, 0, "experts"), (0, 0, "combine"),                       # MLP(0), COMBINE(0)
     (0, 1, "experts"), (0, 1, "combine"),                       # MLP(1), COMBINE(1)
     *_all(0, 0, ("shared", *TAIL)),                             # SHARED(0)
