@@ -45,3 +45,31 @@ def graphs(draw: st.DrawFn, max_ops: int = 12, comm_groups: tuple[str, ...] = ("
     outputs = [v for v in available if v not in read and v not in inputs] or [available[-1]]
     order = draw(st.permutations(ops))
     return Graph(draw(st.sampled_from(["layer", "moe", "g"])), order, inputs, outputs)
+
+
+requests = st.tuples(st.integers(1, 300), st.integers(0, 5000))
+
+
+@st.composite
+def batches(draw: st.DrawFn, max_requests: int = 12):
+    """A batch of 1..max_requests requests: prefill (no context), decode (one token) or mixed."""
+    from overlap.plan import Batch
+
+    kind = draw(st.sampled_from(["prefill", "decode", "mixed"]))
+    if kind == "prefill":
+        pairs = st.tuples(st.integers(1, 300), st.just(0))
+    elif kind == "decode":
+        pairs = st.tuples(st.just(1), st.integers(1, 5000))
+    else:
+        pairs = requests
+    return Batch.of(draw(st.lists(pairs, min_size=1, max_size=max_requests)))
+
+
+@st.composite
+def models(draw: st.DrawFn, max_layers: int = 3):
+    """A model of a random layer graph repeated (when its outputs can feed its inputs)."""
+    from overlap.ops_graph import ModelGraph
+
+    graph = draw(graphs())
+    layers = draw(st.integers(1, max_layers)) if len(graph.outputs) == len(graph.inputs) else 1
+    return ModelGraph("random", [graph] * layers)

@@ -2,7 +2,16 @@
 
 from overlap.plan.batch import Batch, Request
 from overlap.plan.plan import Plan, Step, Stream, Wait
-from overlap.plan.split import MicroBatch, Piece, Split, agree, split, split_agreed, whole
+from overlap.plan.split import (
+    MicroBatch,
+    Piece,
+    Split,
+    agree,
+    graph_cost,
+    split,
+    split_agreed,
+    whole,
+)
 from overlap.plan.strategies import STRATEGIES, build_plan, get_strategy
 from overlap.plan.validate import check_rank_symmetry, collective_order, validate
 
@@ -22,6 +31,7 @@ __all__ = [
     "check_rank_symmetry",
     "collective_order",
     "get_strategy",
+    "graph_cost",
     "split",
     "split_agreed",
     "validate",

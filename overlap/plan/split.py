@@ -17,6 +17,7 @@ from collections.abc import Callable
 import attrs
 
 from overlap.errors import ConfigError
+from overlap.ops_graph.graph import Graph, ModelGraph
 from overlap.ops_graph.shape import Shape
 from overlap.plan.batch import Batch
 
@@ -126,7 +127,11 @@ def split(batch: Batch, n: int, *, balance: str = "tokens",
 
 
 def _cuts(batch: Batch, n: int, measure: Callable[[Shape], float], split_requests: bool) -> list[int]:
-    """Token positions of the n-1 boundaries, each as close as possible to an equal share."""
+    """Token positions of the n-1 boundaries, each as close as possible to an equal share.
+
+    Without ``split_requests`` every cut is a request boundary (the batch has at least ``n``
+    requests); with it a cut may move inside the request that straddles its share.
+    """
     starts = [0]
     for r in batch.requests:
         starts.append(starts[-1] + r.query_len)
@@ -135,21 +140,26 @@ def _cuts(batch: Batch, n: int, measure: Callable[[Shape], float], split_request
         prefix.append(prefix[-1] + measure(Shape.of_requests([(r.query_len, r.context_len)])))
     total = prefix[-1]
     cuts: list[int] = []
+    last_index = 0  # request boundary index of the previous cut
     for k in range(1, n):
         target = total * k / n
-        lo = cuts[-1] + 1 if cuts else 1  # keep microbatches non-empty and ordered
-        hi = batch.tokens - (n - k)
-        best = _nearest_boundary(starts, prefix, target, lo, hi)
         if split_requests:
+            lo = cuts[-1] + 1 if cuts else 1  # keep microbatches non-empty and ordered
+            hi = batch.tokens - (n - k)
+            best = _nearest_boundary(starts, prefix, target, lo, hi)
             best = _inside_request(batch, starts, prefix, measure, target, lo, hi, best)
+        else:
+            first, final = last_index + 1, len(batch.requests) - (n - k)
+            last_index = min(range(first, final + 1), key=lambda i: (abs(prefix[i] - target), i))
+            best = starts[last_index]
         cuts.append(best)
     return cuts
 
 
 def _nearest_boundary(starts: list[int], prefix: list[float], target: float, lo: int, hi: int) -> int:
     candidates = [i for i, s in enumerate(starts) if lo <= s <= hi]
-    if not candidates:
-        return max(lo, min(hi, starts[-1]))
+    if not candidates:  # every boundary is taken: cut inside a request, as close as allowed
+        return max(lo, min(hi, round(lo + (hi - lo) / 2)))
     i = min(candidates, key=lambda i: (abs(prefix[i] - target), i))
     return starts[i]
 
@@ -221,8 +231,9 @@ def agree(local_n: int, all_reduce_min: Callable[[int], int]) -> int:
 def split_agreed(batch: Batch, n: int, all_reduce_min: Callable[[int], int], **options) -> Split:
     """Split locally, agree the count across ranks, and re-split to the agreed count.
 
-    A rank with fewer tokens than the agreed count still gets that many microbatches (some
-    empty), because it must take part in every collective the others issue.
+    The agreed count is the minimum of every rank's local result, so it never exceeds what this
+    rank could split into; the re-split drops the thresholds (another rank already accepted
+    that count) and always yields exactly the agreed count.
     """
     local = split(batch, n, **options)
     agreed = agree(local.n, all_reduce_min)
@@ -230,5 +241,24 @@ def split_agreed(batch: Batch, n: int, all_reduce_min: Callable[[int], int], **o
         return local
     if agreed == 1:
         return whole(batch, local.reason or "not split: another data-parallel rank refused")
-    again = split(batch, agreed, **{**options, "min_tokens": 1, "max_imbalance": 1.0})
-    return again
+    return split(batch, agreed, **{**options, "min_tokens": 1, "max_imbalance": 1.0})
+
+
+def graph_cost(model: ModelGraph | Graph) -> Callable[[Shape], float]:
+    """A cost function for ``balance="cost"``: the FLOPs (matrix + vector) of every layer of
+    ``model`` for a microbatch shape, so attention's growth with context counts.
+
+    Layers that share a graph are evaluated once and weighted by how often they occur.
+    """
+    layers = model.layers if isinstance(model, ModelGraph) else (model,)
+    weight: dict[int, int] = {}
+    graphs: dict[int, Graph] = {}
+    for g in layers:
+        weight[id(g)] = weight.get(id(g), 0) + 1
+        graphs[id(g)] = g
+    parts = [(weight[k], op.cost) for k, g in graphs.items() for op in g.ops]
+
+    def cost(shape: Shape) -> float:
+        return sum(w * (c.flops(shape) + c.vector_flops(shape)) for w, c in parts)
+
+    return cost

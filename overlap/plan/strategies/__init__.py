@@ -14,7 +14,7 @@ import attrs
 from overlap.errors import ConfigError
 from overlap.ops_graph.graph import ModelGraph
 from overlap.ops_graph.op import Role
-from overlap.plan.plan import DEFAULT_STREAMS, Plan
+from overlap.plan.plan import Plan
 from overlap.plan.split import Split
 from overlap.plan.strategies.ascend_dbo import ascend_dbo
 from overlap.plan.strategies.auto import auto
@@ -67,7 +67,7 @@ def build_plan(name: str, model: ModelGraph, split: Split, *, multistream_mla: b
 def _with_vector_stream(plan: Plan) -> Plan:
     streams = plan.streams
     if VECTOR_STREAM not in streams:
-        streams = (*streams, VECTOR_STREAM) if streams != () else DEFAULT_STREAMS
+        streams = (*streams, VECTOR_STREAM)
     vec = streams.index(VECTOR_STREAM)
     layers = plan.model.layers
     steps = [s._replace(stream=vec) if layers[s.layer][s.op].role == Role.MLA_VECTOR else s
