@@ -1,6 +1,27 @@
-"""Reports on executed plans: timelines, metrics, Perfetto traces, Gantt pictures, tables."""
+"""Reports on executed plans: timelines, metrics, Perfetto traces, Gantt pictures, tables.
 
+Every backend returns a :class:`Timeline`; everything here reads only that, so a simulated and a
+measured step are reported alike. matplotlib is imported only when a picture is drawn.
+``overlap.report.scenario`` (strategies compared on a deployment) is imported on its own: it
+runs the simulator, which itself builds on this package.
+"""
+
+from overlap.report.gantt import gantt, steady_window
 from overlap.report.metrics import Metrics, efficiency, metrics
+from overlap.report.tables import format_table, strategy_table
 from overlap.report.timeline import Span, Timeline
+from overlap.report.trace import chrome_trace, write_trace
 
-__all__ = ["Metrics", "Span", "Timeline", "efficiency", "metrics"]
+__all__ = [
+    "Metrics",
+    "Span",
+    "Timeline",
+    "chrome_trace",
+    "efficiency",
+    "format_table",
+    "gantt",
+    "metrics",
+    "steady_window",
+    "strategy_table",
+    "write_trace",
+]
