@@ -9,10 +9,11 @@ the next layer with ``delta=1`` entries) and the stream assignment (MLA vector w
 second compute stream) — and scores each point with the simulator on a hardware preset.
 
 Why it is fast enough to run per batch shape: a plan is periodic in the layers, so candidates
-are scored on a *proxy* model — each run of identical layers cut to a few — and the full step
-time is extrapolated from two proxies (the marginal cost of one more steady-state layer). Only
-the winner and the named strategies it must beat are built and simulated at full depth, so
-``auto`` never returns a plan the simulator rates slower than the best named strategy.
+are scored on two and one copies of the steady-state (last) layer, and the full step time is
+extrapolated as ``T2 + (L - 2) * (T2 - T1)`` (a model of at most 8 layers is scored whole).
+Only the winner and the named strategies nearest the top are built and simulated at full depth,
+and the fastest of those is returned: ``auto`` does not return a plan the simulator rates slower
+than those named strategies (the benchmark checks every named one).
 
 Graph variants: the attention grain changes the graph, not the plan, so the search accepts an
 optional ``graphs`` factory ``attention -> ModelGraph`` (``templates_graphs`` makes one from
@@ -45,7 +46,8 @@ from overlap.plan.validate import validate
 DEFAULT_HARDWARE = "910b2"
 MICRO_COUNTS = (1, 2, 3, 4)
 SKEWS = (-0.1, -0.05, 0.05, 0.1)  # first-microbatch share offsets tried around the balanced cut
-PROXY_LAYERS = 3  # identical layers kept per run in the proxy model
+SHORT_MODEL = 8  # layers: a model this short is scored whole, not extrapolated
+NATURAL_GRAIN = {"deepseek_decode": "two_stage", "ascend_multistream_mla": "fine"}
 Scorer = Callable[[Plan, Hardware], float]
 GraphFactory = Callable[[str], ModelGraph]
 
@@ -87,7 +89,7 @@ class Choice:
     def describe(self) -> str:
         """A one-line summary, e.g. ``n=2 deferred2/shared_after_combine cut=0.45 attn=two_stage``."""
         if self.named:
-            return f"named {self.named}"
+            return f"named {self.named}" + (f" attn={self.attention}" if self.attention else "")
         cut = (f"cut={','.join(f'{s:.2f}' for s in self.shares)}" if self.shares
                else f"{self.balance}-balanced")
         parts = [f"n={self.n}", self.order, cut]
@@ -105,7 +107,7 @@ class SearchResult:
     plan: Plan
     step_s: float
     choice: Choice
-    baseline: str  # the best named strategy
+    baseline: str  # the best named strategy (and its grain, if not the model's own)
     baseline_s: float
     evaluated: int  # candidates scored
     elapsed_s: float
@@ -136,23 +138,51 @@ def orders(n: int, present: Sequence[str] = STAGES) -> Iterator[tuple[str, tuple
 
     Stages absent from the graphs go last; they hold no ops.
     """
-    absent = [s for s in STAGES if s not in present]
-    pad = tuple((0, m, s) for m in range(n) for s in absent)
     if n == 1:
         yield "in_order", tuple((0, 0, s) for s in STAGES)
         return
     yield "deepseek_prefill_n", _deepseek_prefill(n)
     yield "deepseek_decode_n", _deepseek_decode(n)
-    for seq_name, full in _SEQUENCES.items():
-        seq = [s for s in full if s in present]
+    for seq_name, seq in _SEQUENCES.items():
+        units = _units(seq, present)
         for cut in ("per_stage", "per_comm"):
-            groups = _groups(seq, cut)
+            groups = units if cut == "per_stage" else _per_comm(units, present)
             base = [(0, m, s) for g in groups for m in range(n) for s in g]
             for d in range(min(4, len(groups) - 1) + 1):
-                yield f"pingpong/{cut}/{seq_name}/defer{d}", _defer(base, groups, n, d) + pad
-        for lag in range(1, len(seq) // max(1, n - 1) + 1):
-            if (n - 1) * lag < len(seq):
-                yield f"stagger/{seq_name}/lag{lag}", _stagger(seq, n, lag) + pad
+                yield f"pingpong/{cut}/{seq_name}/defer{d}", _defer(base, groups, n, d)
+        for lag in range(1, len(units)):
+            if (n - 1) * lag < len(units):
+                yield f"stagger/{seq_name}/lag{lag}", _stagger(units, n, lag)
+
+
+def _units(seq: Sequence[str], present: Sequence[str]) -> list[tuple[str, ...]]:
+    """``seq`` as units of one present stage each, absent stages riding with the next one
+    (so every microbatch takes even the empty stages in one order, as the engine requires)."""
+    units: list[list[str]] = []
+    pending: list[str] = []
+    for s in seq:
+        pending.append(s)
+        if s in present:
+            units.append(pending)
+            pending = []
+    if not units:
+        return [tuple(pending)]
+    units[-1] += pending
+    return [tuple(u) for u in units]
+
+
+def _per_comm(units: list[tuple[str, ...]], present: Sequence[str]) -> list[tuple[str, ...]]:
+    """Units merged into groups that each end with a collective launch."""
+    out: list[tuple[str, ...]] = []
+    cur: list[str] = []
+    for u in units:
+        cur += u
+        if any(s in _COMMS and s in present for s in u):
+            out.append(tuple(cur))
+            cur = []
+    if cur:
+        out.append(tuple(cur))
+    return out
 
 
 def _deepseek_prefill(n: int) -> tuple[Entry, ...]:
@@ -184,18 +214,6 @@ def _deepseek_decode(n: int) -> tuple[Entry, ...]:
     return tuple(out)
 
 
-def _groups(seq: Sequence[str], cut: str) -> list[tuple[str, ...]]:
-    if cut == "per_stage":
-        return [(s,) for s in seq]
-    out, cur = [], []
-    for s in seq:
-        cur.append(s)
-        if s in _COMMS:
-            out.append(tuple(cur))
-            cur = []
-    return [*out, tuple(cur)] if cur else out
-
-
 def _defer(base: list[Entry], groups: list[tuple[str, ...]], n: int, d: int) -> tuple[Entry, ...]:
     """Move the last microbatch's final ``d`` groups into the next slot, after microbatch 0's
     head and before that microbatch's own head (which reads their result)."""
@@ -214,12 +232,12 @@ def _defer(base: list[Entry], groups: list[tuple[str, ...]], n: int, d: int) -> 
     return tuple(out + rest)
 
 
-def _stagger(seq: Sequence[str], n: int, lag: int) -> tuple[Entry, ...]:
-    p = len(seq)
-    items = [((i + m * lag) % p, m, (i + m * lag) // p, s)
-             for m in range(n) for i, s in enumerate(seq)]
+def _stagger(units: Sequence[tuple[str, ...]], n: int, lag: int) -> tuple[Entry, ...]:
+    p = len(units)
+    items = [((i + m * lag) % p, m, (i + m * lag) // p, u)
+             for m in range(n) for i, u in enumerate(units)]
     items.sort(key=lambda it: (it[0], -it[2], it[1]))  # the older layer first at a position
-    return tuple((delta, m, s) for _, m, delta, s in items)
+    return tuple((delta, m, s) for _, m, delta, u in items for s in u)
 
 
 # -- building plans ----------------------------------------------------------------------------
@@ -266,10 +284,9 @@ def realise(choice: Choice, model: ModelGraph, batch: Batch, *, cost: Callable |
 
 
 def steady_layers(model: ModelGraph, count: int) -> ModelGraph:
-    """``count`` copies of ``model``'s most common layer graph: the steady state, in small."""
-    graphs = model.distinct()
-    common = max(graphs, key=lambda g: sum(layer is g for layer in model.layers))
-    return ModelGraph(model.name, [common] * count)
+    """``count`` copies of ``model``'s last layer graph (the steady state: DeepSeek's first
+    layers are dense, the other 58 MoE), in small."""
+    return ModelGraph(model.name, [model.layers[-1]] * count)
 
 
 def templates_graphs(model: str, parallel=None, *, phase: str = "prefill", dtype: str = "bf16",
@@ -313,10 +330,15 @@ class _Evaluator:
         self._proxies: dict[str, tuple[ModelGraph, ModelGraph, int]] = {}
         self._cost = _cost_fn(graphs(""), hw)
 
-    def proxies(self, attention: str) -> tuple[ModelGraph, ModelGraph, int]:
+    def proxies(self, attention: str) -> tuple[ModelGraph, ModelGraph | None, int]:
+        """(two-layer proxy, one-layer proxy, depth); a short model is its own proxy."""
         if attention not in self._proxies:
             full = self.graphs(attention)
-            self._proxies[attention] = (steady_layers(full, 2), steady_layers(full, 1), len(full))
+            if len(full) <= SHORT_MODEL:
+                self._proxies[attention] = (full, None, len(full))
+            else:
+                self._proxies[attention] = (steady_layers(full, 2), steady_layers(full, 1),
+                                            len(full))
         return self._proxies[attention]
 
     def __call__(self, choice: Choice) -> float:
@@ -326,6 +348,8 @@ class _Evaluator:
         two, one, depth = self.proxies(choice.attention)
         try:
             t2 = self.score(realise(choice, two, self.batch, cost=self._cost, check=False), self.hw)
+            if one is None:
+                return t2
             t1 = self.score(realise(choice, one, self.batch, cost=self._cost, check=False), self.hw)
         except OverlapError:  # a pattern the graph cannot order, or a batch it cannot cut
             return float("inf")
@@ -400,7 +424,7 @@ def search(model: ModelGraph, batch: Batch, hardware: str | Hardware = DEFAULT_H
     show = sys.stderr.isatty() if progress is None else progress
     ev = _Evaluator(factory, batch, hw, score or simulated(comm_mode), _Progress(show))
 
-    named_scores = {c: ev(c) for c in _named()}
+    named_scores = {c: ev(c) for c in _named(graphs is not None)}
     present = _present(model)
     scored: dict[Choice, float] = {}
     first = 2 if 2 in counts else counts[0]
@@ -426,14 +450,21 @@ def search(model: ModelGraph, batch: Batch, hardware: str | Hardware = DEFAULT_H
 
 
 def _verify(ev: _Evaluator, best: Choice, named_scores: dict[Choice, float]) -> SearchResult:
-    """Full-depth simulation of the winner and the named strategies near the top, best kept."""
+    """Full-depth simulation of the winner and of the best named strategies (those within 2%
+    of the best estimate, at most three distinct estimates): the fastest is returned."""
     floor = min(named_scores.values())
-    finalists = [c for c, s in named_scores.items() if s <= floor * 1.02]
+    finalists: list[Choice] = []
+    for c in sorted(named_scores, key=named_scores.get):
+        s = named_scores[c]
+        if s <= floor * 1.02 and all(s != named_scores[f] for f in finalists):
+            finalists.append(c)
+    finalists = finalists[:3]
     full = {c: ev.full(c) for c in dict.fromkeys([best, *finalists])}
     base = min(finalists, key=lambda c: full[c][1])
     win = min(full, key=lambda c: (full[c][1], c is not best))
     plan, step_s = full[win]
-    return SearchResult(plan, step_s, win, base.named, full[base][1], 0, 0.0)
+    return SearchResult(plan, step_s, win, base.describe().removeprefix("named "), full[base][1],
+                        0, 0.0)
 
 
 def _orders_as_choices(n: int, present: Sequence[str]) -> list[Choice]:
@@ -460,11 +491,17 @@ def _distinct(choices: list[Choice], present: Sequence[str], model: ModelGraph) 
     return out
 
 
-def _named() -> list[Choice]:
+def _named(grains: bool) -> list[Choice]:
+    """Every named strategy as a candidate; with a graph factory, each on the grain it was
+    written for (DeepSeek's decode pipeline on two-stage attention, multistream MLA on fine)."""
     from overlap.plan.strategies import STRATEGIES
 
-    return [Choice(1 if n in ("sequential", "ascend_multistream_mla") else 2, n, named=n)
-            for n in STRATEGIES if n != "auto"]
+    out = [Choice(1 if n in ("sequential", "ascend_multistream_mla") else 2, n, named=n)
+           for n in STRATEGIES if n != "auto"]
+    if grains:
+        out += [attrs.evolve(c, attention=NATURAL_GRAIN[c.named]) for c in out
+                if c.named in NATURAL_GRAIN]
+    return out
 
 
 def _cut_variants(c: Choice) -> list[Choice]:

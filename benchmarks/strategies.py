@@ -1,0 +1,215 @@
+"""Every strategy, ``auto`` included, on a matrix of DeepSeek-V3 deployments, by the simulator.
+
+    python benchmarks/strategies.py [--quick] [--json PATH] [--no-plot]
+
+Scenarios (per rank, 61 layers): 910B2, 910C and H800, each with
+
+* prefill of 4k, 16k and 64k tokens (4k-token prompts) and decode of 64, 256 and 1024 requests
+  at 4k context, all at EP32;
+* an EP sweep (EP16, EP64, EP128) at prefill 16k and decode 256;
+* tensor parallelism (TP16, vllm-ascend's all-gather MoE) at prefill 16k and decode 256 (the
+  decode one with all-reduce MoE).
+
+That is 42 of the 90 points of the full product (3 x 6 x 5): the EP and TP axes are swept at
+one representative size per phase. Decode uses the low-latency all-to-all (DeepEP), prefill the
+normal one. Named strategies run on a token-balanced 2-way split, each on the attention grain
+it was written for (deepseek_decode: two-stage; ascend_multistream_mla: fine; others: one).
+
+Writes docs/strategies-matrix.md (the table) and docs/strategies-matrix.png (the plot), prints
+the table, and with ``--json`` writes every figure. Timing rows: auto's cold search time for
+the 61-layer step (every scenario) and the cached lookup time (``Planner.lookup``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from overlap.backends.simulated import simulate
+from overlap.ops_graph.templates import ParallelConfig
+from overlap.plan import Batch, build_plan, split
+from overlap.plan.cache import Planner
+from overlap.plan.strategies import STRATEGIES
+from overlap.plan.strategies.auto import NATURAL_GRAIN, search, templates_graphs
+from overlap.report.metrics import metrics
+
+HARDWARE = ("910b2", "910c", "h800")
+PREFILL = (4096, 16384, 65536)
+DECODE = (64, 256, 1024)
+CONTEXT = 4096
+NAMED = [n for n in STRATEGIES if n != "auto"]
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def scenarios(quick: bool) -> list[tuple[str, str, int, ParallelConfig, str]]:
+    """(hardware, phase, tokens, parallel, label) for every benchmarked point."""
+    out = []
+    for hw in HARDWARE[:1] if quick else HARDWARE:
+        ep32 = ParallelConfig(ep=32)
+        for tokens in PREFILL[1:2] if quick else PREFILL:
+            out.append((hw, "prefill", tokens, ep32, "EP32"))
+        for tokens in DECODE[1:2] if quick else DECODE:
+            out.append((hw, "decode", tokens, ep32, "EP32"))
+        if quick:
+            continue
+        for ep in (16, 64, 128):
+            out.append((hw, "prefill", 16384, ParallelConfig(ep=ep), f"EP{ep}"))
+            out.append((hw, "decode", 256, ParallelConfig(ep=ep), f"EP{ep}"))
+        out.append((hw, "prefill", 16384, ParallelConfig(tp=16, moe_comm="all_gather"), "TP16-AG"))
+        out.append((hw, "decode", 256, ParallelConfig(tp=16), "TP16-AR"))
+    return out
+
+
+def batch_of(phase: str, tokens: int) -> Batch:
+    """Prefill: 4k-token prompts (one shorter prompt when tokens < 4k); decode: one token each."""
+    if phase == "prefill":
+        return Batch.prefill(tokens, max(1, tokens // 4096))
+    return Batch.decode(tokens, CONTEXT)
+
+
+def run(hw: str, phase: str, tokens: int, par: ParallelConfig) -> dict:
+    """Step time and efficiency of every strategy in one scenario."""
+    mode = "low_latency" if phase == "decode" else "normal"
+    graphs = templates_graphs("deepseek-v3", par, phase=phase)
+    batch = batch_of(phase, tokens)
+    two = split(batch, 2, split_requests=True)
+    seq = simulate(build_plan("sequential", graphs("one"), two), hw, comm_mode=mode)
+    rows = {}
+    for name in NAMED:
+        plan = build_plan(name, graphs(NATURAL_GRAIN.get(name, "one")), two)
+        rows[name] = metrics(simulate(plan, hw, comm_mode=mode), seq)
+    result = search(graphs("one"), batch, hw, graphs=graphs, attention="one", comm_mode=mode,
+                    progress=False)
+    rows["auto"] = metrics(simulate(result.plan, hw, comm_mode=mode), seq)
+    best = min(NAMED, key=lambda n: rows[n].step_s)
+    return {
+        "strategies": {n: m.to_dict() for n, m in rows.items()},
+        "best_named": best,
+        "auto_choice": result.choice.describe(),
+        "auto_gain": rows[best].step_s / rows["auto"].step_s - 1,
+        "search_s": result.elapsed_s,
+        "evaluated": result.evaluated,
+    }
+
+
+def lookup_time(n: int = 20000) -> tuple[float, float]:
+    """Median seconds of a cached ``Planner.lookup`` and of a cached ``Planner.plan``."""
+    planner = Planner("deepseek-v3", ParallelConfig(ep=32), "910b2")
+    batch = batch_of("decode", 256)
+    planner.plan(batch)
+    lookups, plans = [], []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(n):
+            planner.lookup("decode", 256, 256, CONTEXT)
+        lookups.append((time.perf_counter() - t) / n)
+        t = time.perf_counter()
+        for _ in range(n // 10):
+            planner.plan(batch, "decode")
+        plans.append((time.perf_counter() - t) / (n // 10))
+    return statistics.median(lookups), statistics.median(plans)
+
+
+def table(results: list[dict]) -> str:
+    """The markdown table: a row per scenario, step time per strategy, auto's gain and η."""
+    head = ["hw", "phase", "tokens", "par", *NAMED, "auto", "auto vs best", "η best", "η auto",
+            "auto choice"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        s = r["strategies"]
+        best = r["best_named"]
+        cells = [r["hw"], r["phase"], str(r["tokens"]), r["par"]]
+        for n in [*NAMED, "auto"]:
+            cell = f"{s[n]['step_s'] * 1e3:.1f}"
+            cells.append(f"**{cell}**" if n == best else cell)
+        cells += [f"{r['auto_gain'] * 100:+.1f}%", _eta(s[best]), _eta(s["auto"]), r["auto_choice"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _eta(m: dict) -> str:
+    return "–" if m["efficiency"] is None else f"{m['efficiency']:.2f}"
+
+
+def summary(results: list[dict], lookup_s: float, plan_hit_s: float) -> str:
+    """Targets and timing rows under the table."""
+    gains = [r["auto_gain"] for r in results]
+    prefill_eta = [r["strategies"]["auto"]["efficiency"] for r in results if r["phase"] == "prefill"]
+    searches = sorted(r["search_s"] for r in results)
+    return "\n".join([
+        f"- scenarios: {len(results)}; auto beats the best named strategy by >= 5% on "
+        f"{sum(g >= 0.05 for g in gains)} ({sum(g >= 0.05 for g in gains) / len(gains):.0%}), "
+        f"ties or wins on {sum(g >= -1e-9 for g in gains)}, loses on {sum(g < -1e-9 for g in gains)}",
+        f"- auto η on prefill: min {min(e for e in prefill_eta if e is not None):.3f}, "
+        f"scenarios with η >= 0.9: {sum(e is not None and e >= 0.9 for e in prefill_eta)}"
+        f"/{len(prefill_eta)}",
+        f"- auto cold search, 61-layer step: median {statistics.median(searches) * 1e3:.0f} ms, "
+        f"max {searches[-1] * 1e3:.0f} ms (candidates scored: "
+        f"{min(r['evaluated'] for r in results)}-{max(r['evaluated'] for r in results)})",
+        f"- cached lookup (Planner.lookup, bucket -> decision): {lookup_s * 1e6:.2f} µs; "
+        f"cached Planner.plan of the searched batch: {plan_hit_s * 1e6:.2f} µs",
+    ])
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Speed-up over sequential per scenario: every named strategy as dots, auto as a line."""
+    from overlap._optional import require
+
+    matplotlib = require("matplotlib", purpose="the strategy matrix plot")
+    matplotlib.use("Agg")
+    plt = require("matplotlib.pyplot", purpose="the strategy matrix plot")
+    labels = [f"{r['hw']} {r['phase'][:3]} {r['tokens']} {r['par']}" for r in results]
+    x = range(len(results))
+    fig, ax = plt.subplots(figsize=(max(10, len(results) * 0.32), 5))
+    for name in NAMED:
+        ax.plot(x, [r["strategies"][name]["speedup"] for r in results], ".", label=name, alpha=0.7)
+    ax.plot(x, [r["strategies"]["auto"]["speedup"] for r in results], "k-", lw=1.5, label="auto")
+    ax.set_xticks(list(x), labels, rotation=90, fontsize=7)
+    ax.set_ylabel("speed-up over sequential (simulated)")
+    ax.set_title("DeepSeek-V3, 61 layers: strategy speed-up per scenario")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="two scenarios only (a smoke run)")
+    p.add_argument("--json", metavar="PATH", help="also write every figure as JSON to PATH")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--out", default=str(DOCS), help="folder for the .md and .png (default: docs/)")
+    args = p.parse_args(argv)
+    results = []
+    start = time.perf_counter()
+    todo = scenarios(args.quick)
+    for i, (hw, phase, tokens, par, label) in enumerate(todo):
+        r = run(hw, phase, tokens, par)
+        r.update(hw=hw, phase=phase, tokens=tokens, par=label)
+        results.append(r)
+        if sys.stderr.isatty():
+            sys.stderr.write(f"\r{i + 1}/{len(todo)} scenarios")
+    lookup_s, plan_hit_s = lookup_time()
+    text = table(results) + "\n\n" + summary(results, lookup_s, plan_hit_s)
+    print(text)
+    print(f"\n(benchmark run time {time.perf_counter() - start:.0f} s)")
+    out = Path(args.out)
+    if not args.quick:
+        (out / "strategies-matrix.md").write_text(
+            "<!-- generated by benchmarks/strategies.py; step times in ms, best named in bold -->\n"
+            + text + "\n")
+        if not args.no_plot:
+            plot(results, out / "strategies-matrix.png")
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"scenarios": results, "lookup_s": lookup_s, "plan_hit_s": plan_hit_s}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
