@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from overlap.errors import ConfigError
-from overlap.ops_graph.templates import ParallelConfig, build_model
 from overlap.ops_graph import Shape
+from overlap.ops_graph.templates import ParallelConfig, build_model
 from overlap.plan import Batch, agree, graph_cost, split, split_agreed
 from tests.strategies import batches
 

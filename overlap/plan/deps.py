@@ -100,5 +100,6 @@ def step_dependencies(plan: Plan) -> list[tuple[int, ...]]:
             kv = kv_reader[id(graph)]
             if kv and op_name == kv[1]:
                 deps.append(get((layer, micro - 1, kv[0])))
-        append(tuple(sorted({d for d in deps if d is not None})))
+        found = [d for d in deps if d is not None]
+        append(tuple(sorted(set(found))) if len(found) > 1 else tuple(found))
     return out

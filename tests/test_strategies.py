@@ -1,0 +1,144 @@
+"""The built-in strategies: valid on any graph and batch, and in the orders their sources use."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from overlap.errors import ConfigError
+from overlap.ops_graph.templates import ParallelConfig, build_model
+from overlap.plan import STRATEGIES, Batch, build_plan, split, validate
+from overlap.plan.diagrams import lanes, render, render_all
+from overlap.plan.strategies.engine import build
+from tests.strategies import batches, models
+from tests.test_plan import TWO
+
+NAMED = [n for n in STRATEGIES if n != "auto"]
+DOC = Path(__file__).resolve().parent.parent / "docs" / "plan.md"
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(models(), batches(), st.integers(1, 4), st.booleans(), st.sampled_from(NAMED),
+       st.booleans())
+def test_every_strategy_plans_any_graph_and_batch(model, batch, n, cut, name, vector):
+    """On random graphs and batches each strategy yields a valid plan or a clear ConfigError."""
+    s = split(batch, n, split_requests=cut)
+    try:
+        plan = build_plan(name, model, s, multistream_mla=vector)
+    except ConfigError as exc:
+        assert name.startswith("deepseek") and s.n > 2
+        assert str(exc) == (f"strategy {name!r} needs 2 microbatches (got {s.n}); split the "
+                            "batch with n=2")
+        return
+    validate(plan)
+
+
+@pytest.mark.parametrize("parallel", [ParallelConfig(ep=16), ParallelConfig(tp=4),
+                                      ParallelConfig(tp=4, moe_comm="all_gather"),
+                                      ParallelConfig(tp=2, ep=8)])
+@pytest.mark.parametrize(("phase", "attention"), [("prefill", "one"), ("decode", "two_stage"),
+                                                  ("decode", "fine")])
+@pytest.mark.parametrize("name", NAMED)
+def test_every_strategy_plans_the_deepseek_templates(parallel, phase, attention, name):
+    """Each strategy gives a valid plan for DeepSeek-V3 layers in every parallel form."""
+    model = build_model("deepseek-v3", parallel, phase=phase, attention=attention, num_layers=5)
+    batch = Batch.decode(32, 2048) if phase == "decode" else Batch.prefill(4096, 3)
+    validate(build_plan(name, model, split(batch, 2, split_requests=True)))
+
+
+@pytest.mark.parametrize("name", ["deepseek_prefill", "deepseek_decode"])
+def test_deepseek_needs_two_microbatches(name):
+    """Three microbatches cannot follow a two-microbatch schedule."""
+    with pytest.raises(ConfigError, match=re.escape(
+            f"strategy {name!r} needs 2 microbatches (got 3); split the batch with n=2")):
+        build_plan(name, TWO, split(Batch.prefill(30, 3), 3))
+
+
+@pytest.mark.parametrize("name", ["deepseek_prefill", "deepseek_decode"])
+def test_deepseek_falls_back_when_the_split_was_refused(name):
+    """A refused split runs whole and the plan records why."""
+    s = split(Batch.prefill(100), 2)
+    plan = build_plan(name, TWO, s)
+    assert plan.n_micro == 1
+    assert plan.options["fallback"] == s.reason
+
+
+def _steady(name: str) -> dict[str, str]:
+    return dict(line.split(":", 1) for line in render(name).splitlines())
+
+
+def test_sglang_prefill_is_deepseeks_published_prefill():
+    """SGLang's TBO prefill strategy is named after, and equal to, DeepSeek's blog schedule."""
+    assert render("sglang_tbo") == render("deepseek_prefill")
+
+
+def test_sglang_decode_is_deepseeks_five_stage_decode():
+    """SGLang's decode strategy (tbo_delta_stages=2) gives DeepSeek's decode order."""
+    assert render("sglang_tbo/decode") == render("deepseek_decode")
+
+
+def test_deepseek_prefill_compute_lane_matches_the_figure():
+    """Compute: ATTN(0) SHARED(1) ATTN(1) MLP(0) MLP(1) SHARED(0), labels as in the docstring."""
+    assert _steady("deepseek_prefill")["compute"].split() == [
+        "attn(0)", "gate(0)", "shared(1)'", "merge(1)'", "attn(1)", "gate(1)", "experts(0)",
+        "experts(1)", "shared(0)", "merge(0)"]
+
+
+def test_deepseek_decode_runs_shared_experts_under_the_dispatch():
+    """Decode: SHARED(0) right after DISPATCH(0) is launched, before ATTN-0(1)."""
+    compute = _steady("deepseek_decode")["compute"].split()
+    assert compute[compute.index("gate(0)") + 1:compute.index("attn0(1)")] == ["shared(0)",
+                                                                               "merge(1)'"]
+
+
+def test_vllm_runs_shared_experts_after_launching_the_combine():
+    """vLLM's modular kernel issues the shared experts behind the combine of the same ubatch."""
+    plan = build_plan("vllm_dbo", TWO, split(Batch.prefill(8, 2), 2))
+    order = [(s.op, s.micro) for s in plan.slot_steps(1)]
+    assert order.index(("combine", 0)) < order.index(("shared", 0)) < order.index(("experts", 1))
+
+
+def test_ascend_dbo_picks_its_form_from_the_collectives():
+    """An all-to-all model gets the EP form, a tensor-parallel one the TP form."""
+    ep = build_model("deepseek-v3", ParallelConfig(ep=16), num_layers=4)
+    tp = build_model("deepseek-v3", ParallelConfig(tp=4), num_layers=4)
+    s = split(Batch.prefill(64, 2), 2)
+    assert build_plan("ascend_dbo", ep, s).options["form"] == "ep"
+    assert build_plan("ascend_dbo", tp, s).options["form"] == "tp"
+
+
+def test_multistream_mla_composes_with_a_microbatch_strategy():
+    """MLA's vector ops move to the vector stream; the rest keeps the strategy's order."""
+    model = build_model("deepseek-v3", ParallelConfig(ep=16), phase="decode", attention="fine",
+                        num_layers=4)
+    plan = build_plan("deepseek_decode", model, split(Batch.decode(16, 100), 2),
+                      multistream_mla=True)
+    assert plan.strategy == "deepseek_decode+multistream_mla"
+    assert lanes(plan, 3).splitlines()[2].split()[1:4] == ["q_norm(0)", "q_rope(0)", "kv_prep(0)"]
+
+
+def test_pattern_missing_an_entry_is_rejected():
+    """A pattern that forgets microbatch 1's stages cannot be expanded."""
+    with pytest.raises(ConfigError, match=r"^strategy 'x': its pattern must name each "):
+        build("x", TWO, split(Batch.prefill(8, 2), 2), [(0, 0, s) for s in ("attn0",)])
+
+
+def test_pattern_with_microbatches_out_of_turn_is_rejected():
+    """Microbatch 1 taking a stage before microbatch 0 would break the KV-cache order."""
+    from overlap.plan.stages import STAGES
+
+    pattern = [(0, 1, s) for s in STAGES] + [(0, 0, s) for s in STAGES]
+    with pytest.raises(ConfigError, match="^strategy 'x': microbatch 1 issues stage 'attn0' "
+                                          "before microbatch 0"):
+        build("x", TWO, split(Batch.prefill(8, 2), 2), pattern)
+
+
+def test_docs_show_the_diagrams_the_code_draws():
+    """docs/plan.md embeds exactly what `python -m overlap.plan.diagrams` prints."""
+    text = DOC.read_text()
+    begin, end = "<!-- diagrams:begin -->\n", "<!-- diagrams:end -->"
+    assert text[text.index(begin) + len(begin):text.index(end)] == render_all()
