@@ -1,0 +1,190 @@
+"""The vLLM plugin's configuration: one place that reads it, validates it and says what is wrong.
+
+A user writes ``--additional-config '{"overlap": {...}}'`` (or ``LLM(additional_config=...)``), or
+sets ``OVERLAP_VLLM='{...}'`` for quick use; keys given in both take the additional config's
+value. Nothing here imports torch or vLLM, so every rule is unit-tested on its own, and the
+plugin calls :func:`load` when an engine is built (never at import) in the front-end process —
+so a bad value fails ``LLM(...)`` / ``vllm serve`` at start-up with one :class:`ConfigError` —
+and again in each worker where the model is constructed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from overlap.errors import ConfigError
+
+SECTION = "overlap"  # the key inside vLLM's additional_config
+ENV_VAR = "OVERLAP_VLLM"
+BACKEND_CHOICES = ("auto", "inline", "threads", "torch_streams", "npu")
+DEFAULT_STRATEGY = "vllm_dbo"
+DEFAULT_MICROBATCHES = 2
+# ``auto`` searches cuts that may fall inside a request and scores plans by op cost figures; the
+# adapter splits at request boundaries and its ops carry no cost figures yet.
+UNSUPPORTED_STRATEGIES = {"auto": "the adapter's ops carry no cost figures to search on and it "
+                                  "splits only at request boundaries"}
+KEYS = ("enabled", "strategy", "microbatches", "min_tokens", "max_imbalance", "backend", "hardware")
+
+
+@attrs.frozen
+class OverlapConfig:
+    """What the plugin does with an engine.
+
+    enabled:       run DeepSeek decoder layers through a plan (False: the stock forward).
+    strategy:      a name from ``overlap.plan.STRATEGIES`` (not ``auto``: see :func:`strategies`).
+    microbatches:  microbatches per step (``"auto"`` resolves to 2, what every built-in overlap
+                   strategy is written for; ``sequential`` always uses 1).
+    min_tokens:    a step is split only if every microbatch gets at least this many tokens.
+    max_imbalance: a step is not split when (largest - smallest) / largest microbatch exceeds it.
+    backend:       executor backend; ``auto`` picks it from the platform (:func:`default_backend`).
+    hardware:      a hardware preset name, validated and kept for cost-model strategies (``auto``
+                   once the adapter supports it); no supported strategy reads it yet.
+    """
+
+    enabled: bool = True
+    strategy: str = DEFAULT_STRATEGY
+    microbatches: int = DEFAULT_MICROBATCHES
+    min_tokens: int = 1
+    max_imbalance: float = 1.0
+    backend: str = "auto"
+    hardware: str | None = None
+
+    def backend_for(self, device_type: str) -> str:
+        """The executor backend to use on a platform whose torch device type is ``device_type``."""
+        return default_backend(device_type) if self.backend == "auto" else self.backend
+
+
+def default_backend(device_type: str) -> str:
+    """``inline`` on CPU (nothing to overlap with), ``npu`` on Ascend, device streams elsewhere."""
+    if device_type == "cpu":
+        return "inline"
+    if device_type == "npu":
+        return "npu"
+    return "torch_streams"
+
+
+def load(additional_config: Any, environ: Mapping[str, str]) -> OverlapConfig | None:
+    """The plugin's configuration for an engine, or None when the plugin is off.
+
+    ``additional_config`` is vLLM's ``VllmConfig.additional_config`` (its ``"overlap"`` entry is
+    read); ``environ`` supplies ``OVERLAP_VLLM``. Raises :class:`ConfigError` on anything invalid.
+    """
+    values: dict[str, Any] = {}
+    text = environ.get(ENV_VAR, "").strip()
+    if text:
+        values.update(_section(_json(text), f"${ENV_VAR}"))
+    section = additional_config.get(SECTION) if isinstance(additional_config, Mapping) else None
+    if section is not None:
+        values.update(_section(section, f"additional_config[{SECTION!r}]"))
+    if not values and section is None and not text:
+        return None
+    config = parse(values)
+    return config if config.enabled else None
+
+
+def parse(values: Mapping[str, Any]) -> OverlapConfig:
+    """An :class:`OverlapConfig` from a mapping of the keys in :data:`KEYS`; validates each."""
+    unknown = sorted(set(values) - set(KEYS))
+    if unknown:
+        raise ConfigError(f"unknown overlap config key(s) {', '.join(map(repr, unknown))}; "
+                          f"valid keys: {', '.join(KEYS)}")
+    enabled = values.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"'enabled' must be true or false (got {enabled!r})")
+    strategy = _strategy(values.get("strategy", DEFAULT_STRATEGY))
+    micro = _microbatches(values.get("microbatches", DEFAULT_MICROBATCHES), strategy)
+    min_tokens = values.get("min_tokens", 1)
+    if not _is_int(min_tokens) or min_tokens < 1:
+        raise ConfigError(f"'min_tokens' must be an integer >= 1 (got {min_tokens!r})")
+    imbalance = values.get("max_imbalance", 1.0)
+    if isinstance(imbalance, bool) or not isinstance(imbalance, (int, float)) or not (
+            0.0 <= imbalance <= 1.0):
+        raise ConfigError(f"'max_imbalance' must be a number in [0, 1] (got {imbalance!r})")
+    backend = values.get("backend", "auto")
+    if backend not in BACKEND_CHOICES:
+        raise ConfigError(f"'backend' must be one of {', '.join(BACKEND_CHOICES)} (got {backend!r})")
+    hardware = values.get("hardware")
+    if hardware is not None:
+        hardware = _hardware(hardware)
+    return OverlapConfig(enabled, strategy, micro, min_tokens, float(imbalance), backend, hardware)
+
+
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"${ENV_VAR} must be a JSON object such as "
+                          f"'{{\"strategy\": \"{DEFAULT_STRATEGY}\"}}' (got {text!r}: {exc})") from None
+
+
+def _section(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where} must be a JSON object with keys {', '.join(KEYS)} "
+                          f"(got {value!r})")
+    return dict(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def strategies() -> tuple[str, ...]:
+    """The strategy names the plugin runs: every registered one except the ``auto`` search."""
+    from overlap.plan.strategies import STRATEGIES  # torch-free; imported where used
+
+    return tuple(s for s in STRATEGIES if s not in UNSUPPORTED_STRATEGIES)
+
+
+def _strategy(name: Any) -> str:
+    if name in UNSUPPORTED_STRATEGIES:
+        raise ConfigError(f"'strategy' {name!r} is not supported by the vLLM plugin: "
+                          f"{UNSUPPORTED_STRATEGIES[name]}; valid: {', '.join(strategies())}")
+    if name not in strategies():
+        raise ConfigError(f"'strategy' must be one of {', '.join(strategies())} (got {name!r})")
+    return name
+
+
+def _microbatches(value: Any, strategy: str) -> int:
+    from overlap.plan.split import MAX_MICROBATCHES
+
+    if value == "auto":
+        value = DEFAULT_MICROBATCHES
+    if not _is_int(value) or not 2 <= value <= MAX_MICROBATCHES:
+        raise ConfigError(f"'microbatches' must be \"auto\" or an integer in 2..{MAX_MICROBATCHES} "
+                          f"(got {value!r})")
+    if strategy == "sequential":
+        return 1
+    _check_plannable(strategy, value)
+    return value
+
+
+def _check_plannable(strategy: str, n: int) -> None:
+    """Refuse a (strategy, count) pair the strategy cannot plan, before any engine starts."""
+    from overlap.ops_graph.authoring import GraphBuilder
+    from overlap.ops_graph.graph import ModelGraph
+    from overlap.ops_graph.op import Role
+    from overlap.plan.batch import Batch
+    from overlap.plan.split import split
+    from overlap.plan.strategies import build_plan
+
+    b = GraphBuilder("probe", ("hidden",))
+    b.compute("attn", "hidden", "h", role=Role.ATTN)
+    b.compute("experts", "h", "hidden_out", role=Role.EXPERTS)
+    model = ModelGraph("probe", [b.build("hidden_out")] * 2)
+    try:
+        build_plan(strategy, model, split(Batch.prefill(2 * n, n), n))
+    except ConfigError as exc:
+        raise ConfigError(f"'microbatches' {n} does not work with strategy {strategy!r}: {exc}") from None
+
+
+def _hardware(name: Any) -> str:
+    from overlap.cost.hardware import get_hardware
+
+    if not isinstance(name, str):
+        raise ConfigError(f"'hardware' must be a preset name (got {name!r})")
+    get_hardware(name)  # raises ConfigError listing the presets
+    return name
