@@ -14,13 +14,17 @@ are concatenated, so a stage can run from one layer into the next. Its DeepSeek 
 - decode (``tbo_delta_stages=2``): five yields per layer, executor B starts two stages late;
   this is DeepSeek's five-stage decode pipeline, the same order as ``deepseek_decode``.
 
-Decode is chosen when every request of the batch is a decode request and there are two
+SGLang picks by forward mode, which all its data-parallel ranks share. Here the choice must not
+depend on a rank's own requests either (ranks choosing differently would issue collectives in
+different orders and hang), so it follows the graph: the decode order when attention is split
+in two stages (``attention="two_stage"``, an op with role ``attn0``) and there are two
 microbatches; otherwise the prefill order, round-robin over any number of microbatches.
 """
 
 from __future__ import annotations
 
 from overlap.ops_graph.graph import ModelGraph
+from overlap.ops_graph.op import Role
 from overlap.plan.plan import Plan
 from overlap.plan.split import Split
 from overlap.plan.strategies.deepseek import DECODE
@@ -32,7 +36,7 @@ TAIL = ("shared", "merge", "tp_ffn")
 
 def sglang_tbo(model: ModelGraph, split: Split) -> Plan:
     """Yield-point stages, alternating between the microbatches' executors."""
-    decode = split.n == 2 and all(r.is_decode for r in split.batch.requests)
+    decode = split.n == 2 and any(op.role == Role.ATTN0 for g in model.distinct() for op in g.ops)
     pattern = DECODE if decode else staggered(split.n, HEAD, TAIL)
     return build("sglang_tbo", model, split, pattern,
                  options={"phase": "decode" if decode else "prefill"})
