@@ -132,13 +132,17 @@ class Planner:
     num_layers: int | None = None
     cache: PlanCache = attrs.field(factory=PlanCache)
     _graphs: dict = attrs.field(factory=dict, repr=False)
+    _identity: str = attrs.field(default="", repr=False)
 
     def __attrs_post_init__(self) -> None:
         self.hardware = get_hardware(self.hardware)
+        # One string (its hash is cached) keeps lookups cheap; it still tells planners apart
+        # when several share a cache.
+        self._identity = f"{self.model}|{self.hardware!r}|{self.parallel!r}|{self.dtype}"
 
     def key(self, shape: ShapeKey) -> tuple:
         """The full cache key: model identity, hardware, parallel config, dtype and bucket."""
-        return (self.model, self.hardware.name, self.parallel, self.dtype, shape)
+        return (self._identity, shape.phase, shape.tokens, shape.requests, shape.context)
 
     def graphs(self, phase: str):
         """The graph factory (attention grain -> ModelGraph) for ``phase``, built once."""
@@ -149,7 +153,10 @@ class Planner:
 
     def lookup(self, phase: str, tokens: int, requests: int, context: int) -> Choice | None:
         """The cached decision for a step of this shape, or None (the serving hot path)."""
-        entry = self.cache.get(self.key(ShapeKey.of(phase, tokens, requests, context)))
+        if phase not in PHASES:
+            raise ConfigError(f"'phase' must be one of {', '.join(PHASES)} (got {phase!r})")
+        entry = self.cache.get((self._identity, phase, bucket(tokens), bucket(requests),
+                                bucket(context)))
         return entry.choice if entry is not None else None
 
     def search(self, batch: Batch, phase: str | None = None) -> SearchResult:

@@ -10,7 +10,8 @@ second compute stream) — and scores each point with the simulator on a hardwar
 
 Why it is fast enough to run per batch shape: a plan is periodic in the layers, so candidates
 are scored on two and one copies of the steady-state (last) layer, and the full step time is
-extrapolated as ``T2 + (L - 2) * (T2 - T1)`` (a model of at most 8 layers is scored whole).
+extrapolated as ``T2 + (c - 2) * (T2 - T1)`` for its ``c`` copies, plus one simulated layer per
+copy of any other layer kind (a model of at most 8 layers is scored whole).
 Only the winner and the named strategies nearest the top are built and simulated at full depth,
 and the fastest of those is returned: ``auto`` does not return a plan the simulator rates slower
 than those named strategies (the benchmark checks every named one).
@@ -138,8 +139,9 @@ def orders(n: int, present: Sequence[str] = STAGES) -> Iterator[tuple[str, tuple
 
     Stages absent from the graphs go last; they hold no ops.
     """
-    if n == 1:
-        yield "in_order", tuple((0, 0, s) for s in STAGES)
+    if n == 1:  # no split: only the single batch's own comm can overlap (e.g. shared experts)
+        for seq_name, seq in _SEQUENCES.items():
+            yield f"in_order/{seq_name}", tuple((0, 0, s) for s in seq)
         return
     yield "deepseek_prefill_n", _deepseek_prefill(n)
     yield "deepseek_decode_n", _deepseek_decode(n)
@@ -254,7 +256,10 @@ def split_at(batch: Batch, shares: Sequence[float]) -> Split:
     return Split(batch, tuple(_micro(batch, i, a, b) for i, (a, b) in enumerate(bounds)))
 
 
-def _split(choice: Choice, batch: Batch, cost: Callable | None) -> Split:
+def split_of(choice: Choice, batch: Batch, cost: Callable | None = None) -> Split:
+    """The microbatches ``choice`` cuts ``batch`` into (``cost`` for cost-balanced cuts)."""
+    if choice.named:
+        return split(batch, 2, split_requests=True)
     if choice.n == 1:
         return whole(batch)
     if choice.shares:
@@ -263,16 +268,15 @@ def _split(choice: Choice, batch: Batch, cost: Callable | None) -> Split:
 
 
 def realise(choice: Choice, model: ModelGraph, batch: Batch, *, cost: Callable | None = None,
-            check: bool = True) -> Plan:
-    """The plan ``choice`` describes for ``batch`` on ``model`` (already of the chosen grain)."""
+            check: bool = True, part: Split | None = None) -> Plan:
+    """The plan ``choice`` describes for ``batch`` on ``model`` (already of the chosen grain);
+    ``part``: the split when already made by :func:`split_of`."""
     from overlap.plan.strategies import build_plan
 
+    part = part or split_of(choice, batch, cost)
     if choice.named:
-        named_split = split(batch, 2, split_requests=True)
-        plan = build_plan(choice.named, model, named_split, multistream_mla=choice.vector,
-                          check=check)
+        plan = build_plan(choice.named, model, part, multistream_mla=choice.vector, check=check)
         return attrs.evolve(plan, strategy="auto", options={**plan.options, "choice": choice.describe()})
-    part = _split(choice, batch, cost)
     if part.n != choice.n:
         raise OverlapError(f"cannot cut {batch.tokens} tokens into {choice.n} microbatches")
     vec = choice.vector and any(op.role == Role.MLA_VECTOR for g in model.distinct() for op in g)
@@ -319,46 +323,68 @@ def simulated(comm_mode: str = "normal") -> Scorer:
 
 
 class _Evaluator:
-    """Scores choices on a two- and a one-layer steady-state model, extrapolated to the full
-    depth (``T2 + (L - 2) * (T2 - T1)``: the plan is periodic); counts what it scored."""
+    """Scores choices on small models extrapolated to the full depth, counting what it scored.
+
+    The steady-state layer (the last one) is simulated twice and once: ``T2 + (c - 2) * (T2 - T1)``
+    for its ``c`` copies (the plan is periodic); every other distinct layer (DeepSeek's dense
+    ones) adds its one-layer time per copy. A model of at most 8 layers is simulated whole.
+    """
 
     def __init__(self, graphs: GraphFactory, batch: Batch, hw: Hardware, score: Scorer,
                  progress: _Progress) -> None:
         self.graphs, self.batch, self.hw, self.score = graphs, batch, hw, score
         self.progress = progress
         self.count = 0
-        self._proxies: dict[str, tuple[ModelGraph, ModelGraph, int]] = {}
+        self._proxies: dict[str, tuple[ModelGraph, ModelGraph | None, int, list]] = {}
+        self._splits: dict[tuple, Split] = {}
         self._cost = _cost_fn(graphs(""), hw)
 
-    def proxies(self, attention: str) -> tuple[ModelGraph, ModelGraph | None, int]:
-        """(two-layer proxy, one-layer proxy, depth); a short model is its own proxy."""
+    def proxies(self, attention: str) -> tuple[ModelGraph, ModelGraph | None, int, list]:
+        """(two-layer proxy, one-layer proxy, steady copies, [(other one-layer model, copies)]);
+        a short model is its own proxy."""
         if attention not in self._proxies:
             full = self.graphs(attention)
             if len(full) <= SHORT_MODEL:
-                self._proxies[attention] = (full, None, len(full))
+                self._proxies[attention] = (full, None, 0, [])
             else:
+                last = full.layers[-1]
+                others = [(ModelGraph(full.name, [g]), sum(x is g for x in full.layers))
+                          for g in full.distinct() if g is not last]
                 self._proxies[attention] = (steady_layers(full, 2), steady_layers(full, 1),
-                                            len(full))
+                                            sum(x is last for x in full.layers), others)
         return self._proxies[attention]
+
+    def split(self, choice: Choice) -> Split:
+        """``split_of(choice)``, made once per distinct cut (splitting a big batch is slow)."""
+        key = ("named",) if choice.named else (choice.n, choice.shares, choice.balance)
+        if key not in self._splits:
+            self._splits[key] = split_of(choice, self.batch, self._cost)
+        return self._splits[key]
 
     def __call__(self, choice: Choice) -> float:
         """Estimated full-depth step time (inf when the choice does not fit the batch)."""
         self.count += 1
         self.progress.tick(self.count)
-        two, one, depth = self.proxies(choice.attention)
+        two, one, copies, others = self.proxies(choice.attention)
         try:
-            t2 = self.score(realise(choice, two, self.batch, cost=self._cost, check=False), self.hw)
+            part = self.split(choice)
+
+            def time_of(model: ModelGraph) -> float:
+                return self.score(realise(choice, model, self.batch, part=part, check=False), self.hw)
+
+            t2 = time_of(two)
             if one is None:
                 return t2
-            t1 = self.score(realise(choice, one, self.batch, cost=self._cost, check=False), self.hw)
+            t1 = time_of(one)
+            rest = sum(count * time_of(model) for model, count in others)
         except OverlapError:  # a pattern the graph cannot order, or a batch it cannot cut
             return float("inf")
-        return t2 + (depth - 2) * (t2 - t1)
+        return t2 + (copies - 2) * (t2 - t1) + rest
 
     def full(self, choice: Choice) -> tuple[Plan, float]:
         """The validated full-depth plan and its simulated step time (inf if it is invalid)."""
         try:
-            plan = realise(choice, self.graphs(choice.attention), self.batch, cost=self._cost)
+            plan = realise(choice, self.graphs(choice.attention), self.batch, part=self.split(choice))
         except OverlapError:
             return None, float("inf")  # type: ignore[return-value]
         return plan, self.score(plan, self.hw)
@@ -371,8 +397,12 @@ def _cost_fn(model: ModelGraph, hw: Hardware) -> Callable:
     graph = model.layers[-1]
     ops = [op for op in graph if op.kind is OpKind.COMPUTE]
 
+    memo: dict = {}  # a batch of like requests asks for the same shape many times
+
     def cost(shape) -> float:
-        return sum(op_time(op.cost(shape), hw).total_s for op in ops)
+        if shape not in memo:
+            memo[shape] = sum(op_time(op.cost(shape), hw).total_s for op in ops)
+        return memo[shape]
 
     return cost
 
@@ -450,15 +480,15 @@ def search(model: ModelGraph, batch: Batch, hardware: str | Hardware = DEFAULT_H
 
 
 def _verify(ev: _Evaluator, best: Choice, named_scores: dict[Choice, float]) -> SearchResult:
-    """Full-depth simulation of the winner and of the best named strategies (those within 2%
-    of the best estimate, at most three distinct estimates): the fastest is returned."""
+    """Full-depth simulation of the winner and of the best named strategies (those within 1%
+    of the best estimate, at most two distinct estimates): the fastest is returned."""
     floor = min(named_scores.values())
     finalists: list[Choice] = []
     for c in sorted(named_scores, key=named_scores.get):
         s = named_scores[c]
-        if s <= floor * 1.02 and all(s != named_scores[f] for f in finalists):
+        if s <= floor * 1.01 and all(s != named_scores[f] for f in finalists):
             finalists.append(c)
-    finalists = finalists[:3]
+    finalists = finalists[:2]
     full = {c: ev.full(c) for c in dict.fromkeys([best, *finalists])}
     base = min(finalists, key=lambda c: full[c][1])
     win = min(full, key=lambda c: (full[c][1], c is not best))
