@@ -22,12 +22,14 @@ import attrs
 from overlap.cost.hardware import Hardware, get_hardware
 from overlap.errors import ConfigError
 from overlap.ops_graph.graph import ModelGraph
+from overlap.ops_graph.templates import ParallelConfig
 from overlap.plan.batch import Batch
 from overlap.plan.plan import Plan
 from overlap.plan.strategies.auto import (
     DEFAULT_HARDWARE,
     MICRO_COUNTS,
     Choice,
+    GraphFactory,
     SearchResult,
     realise,
     search,
@@ -124,7 +126,7 @@ class Planner:
     """
 
     model: str
-    parallel: Any = None
+    parallel: ParallelConfig | None = None
     hardware: str | Hardware = DEFAULT_HARDWARE
     dtype: str = "bf16"
     attention: str = "one"
@@ -144,7 +146,7 @@ class Planner:
         """The full cache key: model identity, hardware, parallel config, dtype and bucket."""
         return (self._identity, shape.phase, shape.tokens, shape.requests, shape.context)
 
-    def graphs(self, phase: str):
+    def graphs(self, phase: str) -> GraphFactory:
         """The graph factory (attention grain -> ModelGraph) for ``phase``, built once."""
         if phase not in self._graphs:
             self._graphs[phase] = templates_graphs(self.model, self.parallel, phase=phase,
