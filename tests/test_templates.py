@@ -170,3 +170,10 @@ def _v3():
     from overlap.ops_graph.templates.config import PRESETS
 
     return dict(PRESETS["deepseek-v3"])
+
+
+def test_single_rank_moe_has_no_collectives():
+    """With tp=1 and ep=1 every expert is local: no size-1 collective is planned."""
+    g = layer_graph("deepseek-v3", ParallelConfig())
+    assert g.of_kind(OpKind.COMM) == ()
+    assert g.order == ("attn", "gate", "experts", "shared", "merge")

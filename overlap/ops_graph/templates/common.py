@@ -110,6 +110,8 @@ def feed_forward(b: GraphBuilder, m: ModelConfig, par: ParallelConfig, p: Precis
     """
     h, k = m.hidden_size, m.num_experts_per_tok
     mode = par.moe_comm if routed else ("all_reduce" if par.tp > 1 else "none")
+    if par.tp == 1 and par.ep == 1:
+        mode = "none"  # a single rank: every expert is local, nothing to communicate
     if not routed and par.moe_comm == "all_gather" and par.tp > 1:
         mode = "all_gather"
     tp = par.tp if mode in ("all_reduce", "all_gather") else 1
