@@ -205,3 +205,15 @@ def test_planner_lookup_finds_the_searched_bucket():
     result = planner.search(Batch.decode(100, 4000))
     assert planner.lookup("decode", 128, 128, 4096) == result.choice
     assert planner.lookup("decode", 256, 256, 4096) is None
+
+
+def test_auto_schedules_models_whose_layers_alternate_in_arity():
+    """A model whose last layer cannot feed a copy of itself is searched whole, not by proxy."""
+    from overlap.ops_graph import GraphBuilder, ModelGraph
+
+    two_in = GraphBuilder("two_in", ("x", "y"))
+    two_in.compute("a", ("x", "y"), "z").comm("d", "all_to_all", "ep", "z", "w", size=2)
+    one_in = GraphBuilder("one_in", ("w",)).compute("c", "w", ("p", "q"))
+    model = ModelGraph("alternating", [one_in.build(("p", "q")), two_in.build("w")] * 6)
+    plan = build_plan("auto", model, split(Batch.prefill(64, 4), 2))
+    assert plan.n_layers == 12

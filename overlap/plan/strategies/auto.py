@@ -344,10 +344,11 @@ class _Evaluator:
         a short model is its own proxy."""
         if attention not in self._proxies:
             full = self.graphs(attention)
-            if len(full) <= SHORT_MODEL:
+            last = full.layers[-1]
+            # A layer whose outputs cannot feed a copy of itself has no repeating steady state.
+            if len(full) <= SHORT_MODEL or len(last.outputs) != len(last.inputs):
                 self._proxies[attention] = (full, None, 0, [])
             else:
-                last = full.layers[-1]
                 others = [(ModelGraph(full.name, [g]), sum(x is g for x in full.layers))
                           for g in full.distinct() if g is not last]
                 self._proxies[attention] = (steady_layers(full, 2), steady_layers(full, 1),
