@@ -33,6 +33,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per request")
     parser.add_argument("--strategy", default="vllm_dbo")
     parser.add_argument("--backend", default="inline")
+    parser.add_argument("--min-tokens", type=int, default=1,
+                        help="plugin min_tokens (1 forces every step to split; the plugin's "
+                             "default, 16, leaves small decode steps to the stock forward)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -46,7 +49,8 @@ def main() -> None:
     llm = LLM(model=str(MODEL), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=512, max_num_seqs=args.requests, enforce_eager=True, seed=0,
               gpu_memory_utilization=0.3,
-              additional_config={"overlap": {"strategy": args.strategy, "backend": args.backend}})
+              additional_config={"overlap": {"strategy": args.strategy, "backend": args.backend,
+                                             "min_tokens": args.min_tokens}})
     prompts = _workload(args.requests, args.prompt)
     params = SamplingParams(temperature=0.0, max_tokens=args.tokens, detokenize=False,
                             ignore_eos=True)
@@ -72,8 +76,9 @@ def main() -> None:
         print(f"  {arm:<5} {rate[arm]:>10.1f} {statistics.median(s):>10.3f} {min(s):>8.3f} "
               f"{max(s):>8.3f}")
     print(f"  on/off throughput ratio: {ratio:.3f}  (strategy {args.strategy}, backend "
-          f"{args.backend}; planned steps {counters.get('steps_planned', 0)}, tokens identical: "
-          f"{outputs['on'] == outputs['off']})")
+          f"{args.backend}, min_tokens {args.min_tokens}; planned steps "
+          f"{counters.get('steps_planned', 0)}, stock steps {counters.get('fallback_batch', 0)}; "
+          f"tokens identical: {outputs['on'] == outputs['off']})")
     if args.json:
         args.json.write_text(json.dumps({
             "workload": vars(args) | {"json": str(args.json)}, "seconds": seconds,

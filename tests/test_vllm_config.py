@@ -167,3 +167,79 @@ def test_importing_the_plugin_package_imports_neither_torch_nor_vllm() -> None:
             "print(sorted(m for m in ('torch', 'vllm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def _common(starts: list[int], seq_lens: list[int] | None) -> object:
+    np = pytest.importorskip("numpy")
+    from types import SimpleNamespace
+
+    return SimpleNamespace(num_reqs=len(starts) - 1, query_start_loc_cpu=np.array(starts + [0]),
+                           seq_lens_cpu_upper_bound=None if seq_lens is None else np.array(seq_lens))
+
+
+def test_batch_of_reads_query_and_context_lengths_from_vllm_metadata() -> None:
+    """Query lengths come from query_start_loc, context lengths from seq_lens minus them."""
+    from overlap.integrations.vllm.metadata import batch_of
+
+    assert batch_of(_common([0, 5, 6, 10], [5, 40, 12])) == Batch.of([(5, 0), (1, 39), (4, 8)])
+
+
+def test_batch_of_refuses_a_request_without_new_tokens() -> None:
+    """A zero-length query (which vLLM never schedules) gives no batch rather than a bad one."""
+    from overlap.integrations.vllm.metadata import batch_of
+
+    assert batch_of(_common([0, 5, 5], None)) is None
+
+
+SMALL = OverlapConfig(min_tokens=1)  # lets the tiny batches below split
+
+
+def _decide(batch: Batch | None, config: OverlapConfig, dp: int, others: list[int]):
+    """decide_split with a fake DP all-reduce: the other ranks' wishes; records the calls."""
+    from overlap.integrations.vllm.adapter import decide_split
+
+    votes: list[int] = []
+
+    def all_reduce_min(n: int) -> int:
+        votes.append(n)
+        return min([n, *others])
+
+    planned, reason = decide_split(batch, config, dp, all_reduce_min)
+    return planned, reason, votes
+
+
+def test_single_rank_splits_without_voting() -> None:
+    """With one data-parallel rank the split is local: no collective is issued."""
+    planned, _, votes = _decide(Batch.of([(4, 0), (4, 0)]), SMALL, 1, [])
+    assert (planned.token_counts, votes) == ((4, 4), [])
+
+
+def test_rank_without_a_batch_still_votes_one() -> None:
+    """A data-parallel rank that cannot split takes part in the vote, wishing one microbatch."""
+    planned, _, votes = _decide(None, SMALL, 2, [2])
+    assert (planned, votes) == (None, [1])
+
+
+def test_a_refusing_rank_stops_every_rank_from_splitting() -> None:
+    """When another rank wishes one microbatch, this rank runs the stock forward too."""
+    planned, reason, votes = _decide(Batch.of([(4, 0), (4, 0)]), SMALL, 2, [1])
+    assert (planned, reason, votes) == (None, "not split: another data-parallel rank refused", [2])
+
+
+def test_too_few_requests_give_the_split_reason() -> None:
+    """A single request is not cut: the reason comes from the planner's split."""
+    planned, reason, _ = _decide(Batch.of([(8, 0)]), SMALL, 1, [])
+    assert planned is None
+    assert reason == "not split: 1 request(s) cannot fill 2 microbatches without splitting a request"
+
+
+def test_sequential_never_votes() -> None:
+    """One microbatch issues the stock collectives, so no data-parallel vote is needed."""
+    planned, _, votes = _decide(Batch.of([(3, 0)]), parse({"strategy": "sequential"}), 4, [1])
+    assert (planned.n, votes) == (1, [])
+
+
+def test_default_threshold_leaves_small_decode_steps_to_the_stock_forward() -> None:
+    """Eight decode tokens are below two microbatches of the default 16 tokens: not split."""
+    planned, reason, _ = _decide(Batch.decode(8, 100), OverlapConfig(), 1, [])
+    assert (planned, reason) == (None, "not split: 8 tokens < 2 x min_tokens 16")

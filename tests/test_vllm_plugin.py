@@ -42,16 +42,23 @@ def _engine(spec: dict) -> dict:
     switch goes through the plugin's ``control`` RPC, so one start-up serves every mode.
     """
     from vllm import LLM, SamplingParams
+    from vllm.engine.arg_utils import EngineArgs
 
+    from overlap.errors import ConfigError
     from overlap.integrations.vllm import control, stats
 
+    out: dict = {"bad_config": None}
+    try:  # the front end validates the plugin's config when it builds the engine config
+        EngineArgs(model=str(MODEL), load_format="dummy", skip_tokenizer_init=True,
+                   additional_config={"overlap": {"stratgy": "vllm_dbo"}}).create_engine_config()
+    except ConfigError as exc:
+        out["bad_config"] = f"{type(exc).__name__}: {exc}"
     kwargs = {}
     if spec["tp"] > 1:
         kwargs = {"tensor_parallel_size": spec["tp"], "distributed_executor_backend": "mp"}
     llm = LLM(model=str(MODEL), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=256, max_num_seqs=6, enforce_eager=True, seed=0,
               gpu_memory_utilization=0.3, additional_config={"overlap": spec["overlap"]}, **kwargs)
-    out: dict = {}
     for mode in spec["modes"]:
         on = mode != "off"
         llm.collective_rpc(control, kwargs={"enabled": on, "reset": True,
@@ -87,7 +94,7 @@ def run_engine(tmp_path: Path, overlap: dict, modes: list[str], *, tp: int = 1) 
 def tp1(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One TP=1 engine planned with deepseek_prefill: stock, then inline, then threads."""
     pytest.importorskip("vllm")
-    return run_engine(tmp_path_factory.mktemp("vllm"), {"strategy": "deepseek_prefill"},
+    return run_engine(tmp_path_factory.mktemp("vllm"), {"strategy": "deepseek_prefill", "min_tokens": 1},
                       ["off", "inline", "threads"])
 
 
@@ -95,7 +102,7 @@ def tp1(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def tp2(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One TP=2 engine (two CPU worker processes) planned with ascend_dbo: stock, then inline."""
     pytest.importorskip("vllm")
-    return run_engine(tmp_path_factory.mktemp("vllm"), {"strategy": "ascend_dbo"},
+    return run_engine(tmp_path_factory.mktemp("vllm"), {"strategy": "ascend_dbo", "min_tokens": 1},
                       ["off", "inline"], tp=2)
 
 
@@ -156,6 +163,15 @@ def test_tensor_parallel_all_reduces_are_planned_ops(tp2: dict) -> None:
         for m in (0, 1):
             assert stats[f"op_attn_allreduce_mb{m}"] == steps * LAYERS
             assert stats[f"op_ffn_allreduce_mb{m}"] == steps * LAYERS
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_bad_config_fails_at_start_up_in_the_front_end(tp1: dict) -> None:
+    """A misspelt key fails building the engine config, before any engine process starts."""
+    assert tp1["bad_config"] == (
+        "ConfigError: unknown overlap config key(s) 'stratgy'; valid keys: enabled, strategy, "
+        "microbatches, min_tokens, max_imbalance, backend, hardware")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ skipped (its instance's ``_maybe_reduce_final_output`` is wrapped), only while o
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -64,6 +66,7 @@ class DeepseekOverlap:
         self._local = threading.local()
         self._step: _Step | None = None
         self._host_thread = threading.get_ident()
+        self._context = self._scope  # one object, so executors reuse their compiled closures
         self._layers: tuple[Graph, ...] | None = None
         self._model_graph: ModelGraph | None = None
         self._templates: dict[int, Plan] = {}
@@ -112,21 +115,8 @@ class DeepseekOverlap:
     def _decide(self, ctx: Any, positions: Any) -> tuple[Split | None, str, dict[int, Any]]:
         """This step's split, agreed across data-parallel ranks, or None and why not."""
         batch, reason, pendings = self._local_batch(ctx, positions)
-        n, options = self.config.microbatches, {"min_tokens": self.config.min_tokens,
-                                                "max_imbalance": self.config.max_imbalance}
-        if self.dp == 1:
-            if batch is None:
-                return None, reason, pendings
-            planned = whole(batch) if n == 1 else split(batch, n, **options)
-        elif batch is None:
-            agree(1, self._all_reduce_min)  # take part, so the other ranks can agree
-            return None, reason, pendings
-        else:
-            planned = whole(batch) if n == 1 else split_agreed(batch, n, self._all_reduce_min,
-                                                               **options)
-        if planned.n != n:
-            return None, planned.reason or "data-parallel ranks agreed not to split", pendings
-        return planned, "", pendings
+        planned, why = decide_split(batch, self.config, self.dp, self._all_reduce_min)
+        return planned, why or reason, pendings
 
     def _local_batch(self, ctx: Any, positions: Any) -> tuple[Batch | None, str, dict[int, Any]]:
         amd = ctx.attn_metadata
@@ -161,12 +151,12 @@ class DeepseekOverlap:
         hidden = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
         try:
             out = executor.run({INPUTS[0]: hidden, INPUTS[1]: hidden}, layers=self._layers,
-                               context=self._scope)
+                               context=self._context)
         finally:
             self._step = None
             if planned.n > 1:
-                for p in pendings:  # the whole step's prefill metadata, for whoever reads it next
-                    md_utils.bind_prefill(next(m for m in ctx.attn_metadata.values() if id(m) == p))
+                for whole_step in {id(m): m for m in ctx.attn_metadata.values()}.values():
+                    md_utils.bind_prefill(whole_step)  # for whoever reads it after the model
                 ctx.moe_layer_index = max(c.moe_layer_index for c in contexts)
         self.stats["steps_planned"] += 1
         self.stats[f"steps_{planned.n}_microbatches"] += 1
@@ -269,10 +259,38 @@ class DeepseekOverlap:
 
     def _fallback(self, key: str, reason: str, stock: Any, args: tuple) -> Any:
         self.stats[f"fallback_{key}"] += 1
-        if key not in self._logged:
-            self._logged.add(key)
-            log.info("overlap: stock forward (%s); further such steps are not logged", reason)
+        kind = re.sub(r"\d+", "N", reason)  # once per kind of reason, whatever the sizes
+        if kind not in self._logged:
+            self._logged.add(kind)
+            log.info("overlap: stock forward (%s); further steps for this reason are not logged",
+                     reason)
         return stock(*args)
+
+
+def decide_split(batch: Batch | None, config: OverlapConfig, dp: int,
+                 all_reduce_min: Callable[[int], int]) -> tuple[Split | None, str]:
+    """The step's split, or None and why not (``batch`` None: this rank cannot split).
+
+    With ``dp`` > 1 ranks and more than one microbatch every rank votes through
+    ``all_reduce_min`` — also a rank that cannot split, so the vote never hangs — and either all
+    ranks split into the same count or none does.
+    """
+    n = config.microbatches
+    agreeing = dp > 1 and n > 1  # one microbatch issues the stock collectives: nothing to agree
+    if batch is None:
+        if agreeing:
+            agree(1, all_reduce_min)
+        return None, ""
+    options = {"min_tokens": config.min_tokens, "max_imbalance": config.max_imbalance}
+    if n == 1:
+        planned = whole(batch)
+    elif agreeing:
+        planned = split_agreed(batch, n, all_reduce_min, **options)
+    else:
+        planned = split(batch, n, **options)
+    if planned.n != n:
+        return None, planned.reason or "data-parallel ranks agreed not to split"
+    return planned, ""
 
 
 class _Micro:

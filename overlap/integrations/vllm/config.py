@@ -23,6 +23,9 @@ ENV_VAR = "OVERLAP_VLLM"
 BACKEND_CHOICES = ("auto", "inline", "threads", "torch_streams", "npu")
 DEFAULT_STRATEGY = "vllm_dbo"
 DEFAULT_MICROBATCHES = 2
+# Below ~32 tokens a step has too little work to hide anything behind, and splitting only adds
+# launches (vLLM's own DBO decode threshold is 32 tokens for two microbatches).
+DEFAULT_MIN_TOKENS = 16
 # ``auto`` searches cuts that may fall inside a request and scores plans by op cost figures; the
 # adapter splits at request boundaries and its ops carry no cost figures yet.
 UNSUPPORTED_STRATEGIES = {"auto": "the adapter's ops carry no cost figures to search on and it "
@@ -38,7 +41,8 @@ class OverlapConfig:
     strategy:      a name from ``overlap.plan.STRATEGIES`` (not ``auto``: see :func:`strategies`).
     microbatches:  microbatches per step (``"auto"`` resolves to 2, what every built-in overlap
                    strategy is written for; ``sequential`` always uses 1).
-    min_tokens:    a step is split only if every microbatch gets at least this many tokens.
+    min_tokens:    a step is split only if every microbatch gets at least this many tokens
+                   (default 16: small decode steps run the stock forward).
     max_imbalance: a step is not split when (largest - smallest) / largest microbatch exceeds it.
     backend:       executor backend; ``auto`` picks it from the platform (:func:`default_backend`).
     hardware:      a hardware preset name, validated and kept for cost-model strategies (``auto``
@@ -48,7 +52,7 @@ class OverlapConfig:
     enabled: bool = True
     strategy: str = DEFAULT_STRATEGY
     microbatches: int = DEFAULT_MICROBATCHES
-    min_tokens: int = 1
+    min_tokens: int = DEFAULT_MIN_TOKENS
     max_imbalance: float = 1.0
     backend: str = "auto"
     hardware: str | None = None
@@ -97,7 +101,7 @@ def parse(values: Mapping[str, Any]) -> OverlapConfig:
         raise ConfigError(f"'enabled' must be true or false (got {enabled!r})")
     strategy = _strategy(values.get("strategy", DEFAULT_STRATEGY))
     micro = _microbatches(values.get("microbatches", DEFAULT_MICROBATCHES), strategy)
-    min_tokens = values.get("min_tokens", 1)
+    min_tokens = values.get("min_tokens", DEFAULT_MIN_TOKENS)
     if not _is_int(min_tokens) or min_tokens < 1:
         raise ConfigError(f"'min_tokens' must be an integer >= 1 (got {min_tokens!r})")
     imbalance = values.get("max_imbalance", 1.0)

@@ -16,6 +16,7 @@ Each wrapper is marked, so registering twice changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Callable
@@ -96,7 +97,9 @@ def _remembering(original: Callable[..., Any]) -> Callable[..., Any]:
         if on:
             pending = Pending(functools.partial(original, self), common_prefix_len,
                               common_attn_metadata, fast_build)
-            setattr(metadata, PENDING_ATTR, pending)
+            # A metadata class with __slots__ refuses it; the adapter then falls back.
+            with contextlib.suppress(AttributeError):
+                setattr(metadata, PENDING_ATTR, pending)
         return metadata
 
     return build
