@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-
 import pytest
 
 from overlap.backends.simulated import simulate
@@ -20,6 +18,7 @@ from overlap.plan.strategies.auto import (
     templates_graphs,
 )
 from overlap.plan.strategies.deepseek import DECODE, PREFILL
+from tests.timeouts import deadline
 
 NAMED = ("sequential", "ascend_dbo", "sglang_tbo", "vllm_dbo", "deepseek_prefill",
          "deepseek_decode", "ascend_multistream_mla")
@@ -35,14 +34,8 @@ SCENARIOS = {
 @pytest.fixture(autouse=True)
 def _timeout():
     """Fail a test that runs past 60 s instead of hanging the suite."""
-    def fail(*_):
-        raise TimeoutError("test ran past 60 s")
-
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
+    with deadline(60):
+        yield
 
 
 def _model(parallel=None, phase="prefill", layers=5):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import signal
 import time
 from types import SimpleNamespace
 
@@ -16,22 +15,7 @@ from overlap.backends.recording import RecordingBackend
 from overlap.errors import ConfigError, MissingDependencyError
 from overlap.ops_graph import Collective, Comm, Graph, ModelGraph, Op, OpKind
 from overlap.plan import Batch, Plan, Stream, Wait, build_plan, split
-
-
-@contextlib.contextmanager
-def deadline(seconds: int):
-    """Fail instead of hanging."""
-
-    def expired(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+from tests.timeouts import deadline
 
 
 def produce_consume(slow_comm: bool = True) -> ModelGraph:

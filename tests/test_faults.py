@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import threading
 import time
 
@@ -12,24 +10,9 @@ import pytest
 from overlap.backends import ExecutionError, Executor
 from overlap.ops_graph import Collective, Comm, Graph, ModelGraph, Op, OpKind
 from overlap.plan import Batch, build_plan, split
+from tests.timeouts import deadline
 
 BACKENDS = ("inline", "threads")
-
-
-@contextlib.contextmanager
-def deadline(seconds: int):
-    """Fail the test instead of hanging when the block takes longer than ``seconds``."""
-
-    def expired(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s: something hangs")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def moe_model(experts, layers: int = 3) -> ModelGraph:
