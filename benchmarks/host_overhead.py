@@ -22,6 +22,8 @@ import statistics
 import time
 from collections.abc import Callable
 
+from _common import run_main
+
 from overlap.backends import Executor, get_backend
 from overlap.ops_graph import ModelGraph
 from overlap.ops_graph.templates import ParallelConfig, build_model
@@ -134,4 +136,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -15,6 +15,8 @@ import json
 import statistics
 import time
 
+from _common import run_main
+
 from overlap.ops_graph.templates import ParallelConfig, build_model
 from overlap.plan import STRATEGIES, Batch, build_plan, split
 
@@ -68,4 +70,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_main(main))

@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import run_main
+
 from overlap.backends.simulated import simulate
 from overlap.ops_graph.templates import ParallelConfig
 from overlap.plan import Batch, build_plan, split
@@ -223,4 +225,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(run_main(main))

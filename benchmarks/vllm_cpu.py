@@ -17,6 +17,8 @@ import statistics
 import time
 from pathlib import Path
 
+from _common import run_main
+
 MODEL = Path(__file__).resolve().parent.parent / "tests" / "data" / "tiny-deepseek-v3"
 
 
@@ -87,4 +89,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_main(main))
