@@ -63,6 +63,10 @@ def _scenario_flags(p: argparse.ArgumentParser, *, lists: bool = False, strategy
     g.add_argument("--tp", type=num, default=1, help=f"tensor parallel size (default: 1){many}")
     g.add_argument("--ep", type=num, default=16, help=f"expert parallel size (default: 16){many}")
     g.add_argument("--dp", type=num, default=1, help=f"data parallel size (default: 1){many}")
+    g.add_argument("--moe-comm", default="", choices=("all_to_all", "all_reduce", "all_gather"),
+                   help="how MoE tokens move: all_to_all (EP), all_reduce (TP) or all_gather "
+                        "(attention data-parallel, MoE TP) (default: all_to_all when --ep > 1, "
+                        "else all_reduce)")
     g.add_argument("--dtype", default="bf16", choices=("bf16", "int8", "fp8"),
                    help="GEMM dtype; int8 is W8A8 (default: %(default)s)")
     g.add_argument("--strategy", default=strategy,
@@ -84,8 +88,9 @@ def _scenario(args: argparse.Namespace, **override: Any):
 
     fields = dict(model=args.model, hardware=args.hardware, phase=args.phase, tokens=args.tokens,
                   requests=args.requests, context=args.context, tp=args.tp, ep=args.ep, dp=args.dp,
-                  dtype=args.dtype, attention=args.attention, microbatches=args.microbatches,
-                  comm_mode=args.comm_mode, comm_share=args.comm_share)
+                  moe_comm=args.moe_comm, dtype=args.dtype, attention=args.attention,
+                  microbatches=args.microbatches, comm_mode=args.comm_mode,
+                  comm_share=args.comm_share)
     fields.update(override)
     return Scenario(**fields)
 
@@ -231,7 +236,7 @@ def _cmd_graph(args: argparse.Namespace) -> int:
     from overlap.ops_graph import Shape
     from overlap.ops_graph.templates import ParallelConfig, build_model
 
-    parallel = ParallelConfig(tp=args.tp, ep=args.ep, dp=args.dp)
+    parallel = ParallelConfig(tp=args.tp, ep=args.ep, dp=args.dp, moe_comm=args.moe_comm)
     model = build_model(args.model, parallel, phase=args.phase, attention=args.attention,
                         dtype=args.dtype)
     tokens = args.tokens if args.tokens is not None else (16384 if args.phase == "prefill" else 256)
@@ -258,6 +263,10 @@ def _graph_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tp", type=int, default=1, help="tensor parallel size (default: 1)")
     g.add_argument("--ep", type=int, default=16, help="expert parallel size (default: 16)")
     g.add_argument("--dp", type=int, default=1, help="data parallel size (default: 1)")
+    g.add_argument("--moe-comm", default="", choices=("all_to_all", "all_reduce", "all_gather"),
+                   help="how MoE tokens move: all_to_all (EP), all_reduce (TP) or all_gather "
+                        "(attention data-parallel, MoE TP) (default: all_to_all when --ep > 1, "
+                        "else all_reduce)")
     g.add_argument("--dtype", default="bf16", choices=("bf16", "int8", "fp8"))
     g.add_argument("--attention", default="one", choices=("one", "two_stage", "fine"))
     g.add_argument("--json", metavar="PATH", help="also write the model graph as JSON to PATH")

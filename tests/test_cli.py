@@ -131,3 +131,13 @@ def test_bad_scenario_arguments_give_one_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_moe_comm_flag_selects_the_all_gather_moe(capsys):
+    """--moe-comm all_gather plans the all-gather / reduce-scatter MoE of a TP deployment."""
+    assert main(["graph", "--tp", "4", "--ep", "1", "--moe-comm", "all_gather"]) == 0
+    out = capsys.readouterr().out
+    assert "ffn_gather   comm all_gather@tp[4]" in out and "reduce_scatter@tp[4]" in out
+    assert main(["simulate", "--moe-comm", "all_gather", "--no-plot", "--strategy", "sequential"]) == 2
+    err = capsys.readouterr().err
+    assert "'moe_comm' all_gather is tensor-parallel MoE and needs ep=1 (got ep=16)" in err

@@ -58,6 +58,7 @@ class Scenario:
     tp: int = attrs.field(default=1, validator=_positive)
     ep: int = attrs.field(default=16, validator=_positive)
     dp: int = attrs.field(default=1, validator=_positive)
+    moe_comm: str = ""  # "": all_to_all when ep > 1, else all_reduce (see ParallelConfig)
     dtype: str = "bf16"
     attention: str | None = None
     microbatches: int = attrs.field(default=2, validator=_positive)
@@ -95,11 +96,17 @@ class Scenario:
         return self.attention or PREFERRED_GRAIN.get(strategy, "one")
 
     def model_graph(self, grain: str = "one") -> ModelGraph:
-        from overlap.ops_graph.templates import ParallelConfig, build_model
+        from overlap.ops_graph.templates import build_model
 
-        return build_model(self.model, ParallelConfig(tp=self.tp, ep=self.ep, dp=self.dp),
+        return build_model(self.model, self.parallel(),
                            phase=self.phase, attention=grain, dtype=self.dtype,
                            num_layers=self.num_layers)
+
+    def parallel(self):
+        """The scenario's :class:`~overlap.ops_graph.templates.ParallelConfig`."""
+        from overlap.ops_graph.templates import ParallelConfig
+
+        return ParallelConfig(tp=self.tp, ep=self.ep, dp=self.dp, moe_comm=self.moe_comm)
 
     def describe(self) -> str:
         """One line: model, hardware, phase, batch and parallelism."""
@@ -109,7 +116,8 @@ class Scenario:
         else:
             what = f"prefill of {b.tokens} tokens per rank ({len(b)} requests)"
         return (f"{self.model} on {get_hardware(self.hardware).name}: {what}, "
-                f"TP{self.tp} EP{self.ep} DP{self.dp}, {self.dtype}, {self.mode} collectives")
+                f"TP{self.tp} EP{self.ep} DP{self.dp} ({self.parallel().moe_comm} MoE), {self.dtype}, "
+                f"{self.mode} collectives")
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
