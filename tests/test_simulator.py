@@ -121,6 +121,21 @@ def test_ascend_matrix_and_vector_work_run_at_once():
                          ("q(1)@0", 10, 20)]
 
 
+def test_ascend_bound_serialises_one_compute_stream():
+    """On one compute stream a matmul and a vector op cannot overlap, so the bound is their sum."""
+    ops = [Op("mm", OpKind.COMPUTE, "x", "m", cost=matrix(10)),
+           Op("vec", OpKind.COMPUTE, "m", "out", cost=vector(10))]
+    plan = plan_of(ops, [(0, "mm", 0), (0, "vec", 0), (1, "mm", 0), (1, "vec", 0)])
+    tl = simulate(plan, ASCEND)
+    assert tl.bound_s == pytest.approx(40 * US) and tl.makespan == pytest.approx(40 * US)
+
+
+def test_ascend_bound_with_two_compute_streams_is_per_unit():
+    """With matrix and vector work on two compute streams, each unit's work bounds the step."""
+    tl = simulate(parallel_plan(matrix(10), vector(10)), ASCEND)
+    assert tl.bound_s == pytest.approx(20 * US)
+
+
 def test_stream_share_caps_an_op_alone():
     """An op on a stream limited to half the units takes twice as long even when alone."""
     streams = (Stream("s0", "compute", share=0.5), Stream("s1", "compute"))

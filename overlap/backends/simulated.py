@@ -83,15 +83,25 @@ def comm_pool(hw: Hardware) -> str:
     return "vector" if hw.separate_vector_units else "compute"
 
 
-def lower_bound(work: list[Work], comm_pool: str, comm_share: float) -> float:
-    """max(total comm, max over pools of (pool work + comm_share * total comm)): no schedule of
-    this work finishes sooner (see ``docs/simulator.md``)."""
+def lower_bound(work: list[Work], comm_pool: str, comm_share: float,
+                streams: list[int] | None = None, serial: frozenset[int] = frozenset()) -> float:
+    """No schedule of this work finishes sooner (see ``docs/simulator.md``): the max of
+
+    * the total comm time;
+    * per pool, its work plus ``comm_share`` of the comm time (collectives occupy that pool);
+    * per stream in ``serial`` (compute streams, which run one op at a time), its ops' work at
+      their stream's share cap. ``streams[i]`` is the stream of ``work[i]``.
+    """
     per_pool: dict[str, float] = defaultdict(float)
     for w in work:
         per_pool[w.pool] += w.seconds
     comm = per_pool.pop("link", 0.0)
     busy = [s + (comm_share * comm if pool == comm_pool else 0.0) for pool, s in per_pool.items()]
-    return max([comm, *busy])
+    per_stream: dict[int, float] = defaultdict(float)
+    for w, stream in zip(work, streams or ()):
+        if stream in serial:
+            per_stream[stream] += w.seconds / w.cap
+    return max([comm, *busy, *per_stream.values()])
 
 
 def _fair(caps: list[float], capacity: float) -> list[float]:
@@ -226,4 +236,7 @@ def simulate(plan: Plan, hardware: Hardware | str, *, comm_mode: str = "normal",
     spans = [Span(s.layer, s.micro, s.op, s.stream, clock.start[i], clock.end[i], work[i].kind)
              for i, s in enumerate(plan.steps)]
     return Timeline(plan.strategy, [s.name for s in plan.streams], spans, device=hw.name,
-                    bound_s=lower_bound(work, comm_pool(hw), float(share)))
+                    bound_s=lower_bound(work, comm_pool(hw), float(share),
+                                        [s.stream for s in plan.steps],
+                                        frozenset(i for i, st in enumerate(plan.streams)
+                                                  if st.kind == "compute")))
