@@ -13,13 +13,12 @@ import attrs
 
 from overlap.errors import ConfigError
 from overlap.ops_graph.graph import ModelGraph
-from overlap.ops_graph.op import Role
 from overlap.plan.plan import Plan
 from overlap.plan.split import Split
 from overlap.plan.strategies.ascend_dbo import ascend_dbo
 from overlap.plan.strategies.auto import auto
 from overlap.plan.strategies.deepseek import deepseek_decode, deepseek_prefill
-from overlap.plan.strategies.engine import VECTOR_STREAM
+from overlap.plan.strategies.engine import with_vector_stream
 from overlap.plan.strategies.multistream_mla import ascend_multistream_mla
 from overlap.plan.strategies.sequential import sequential
 from overlap.plan.strategies.sglang_tbo import sglang_tbo
@@ -60,20 +59,8 @@ def build_plan(name: str, model: ModelGraph, split: Split, *, multistream_mla: b
     """
     plan = get_strategy(name)(model, split)
     if multistream_mla and name != "ascend_multistream_mla":
-        plan = _with_vector_stream(plan)
+        plan = attrs.evolve(with_vector_stream(plan), strategy=f"{plan.strategy}+multistream_mla")
     return validate(plan) if check else plan
-
-
-def _with_vector_stream(plan: Plan) -> Plan:
-    streams = plan.streams
-    if VECTOR_STREAM not in streams:
-        streams = (*streams, VECTOR_STREAM)
-    vec = streams.index(VECTOR_STREAM)
-    layers = plan.model.layers
-    steps = [s._replace(stream=vec) if layers[s.layer][s.op].role == Role.MLA_VECTOR else s
-             for s in plan.steps]
-    return attrs.evolve(plan, streams=streams, steps=steps,
-                        strategy=f"{plan.strategy}+multistream_mla")
 
 
 __all__ = ["MICROBATCHED", "STRATEGIES", "build_plan", "get_strategy"]

@@ -38,10 +38,10 @@ from overlap.errors import ConfigError, OverlapError
 from overlap.ops_graph.graph import ModelGraph
 from overlap.ops_graph.op import OpKind, Role
 from overlap.plan.batch import Batch
-from overlap.plan.plan import DEFAULT_STREAMS, Plan
+from overlap.plan.plan import Plan
 from overlap.plan.split import Split, _micro, split, whole
 from overlap.plan.stages import STAGES, stages
-from overlap.plan.strategies.engine import VECTOR_STREAM, Entry, build, default_stream, vector_stream
+from overlap.plan.strategies.engine import Entry, build, with_vector_stream
 from overlap.plan.validate import validate
 
 DEFAULT_HARDWARE = "910b2"
@@ -280,10 +280,9 @@ def realise(choice: Choice, model: ModelGraph, batch: Batch, *, cost: Callable |
     if part.n != choice.n:
         raise OverlapError(f"cannot cut {batch.tokens} tokens into {choice.n} microbatches")
     vec = choice.vector and any(op.role == Role.MLA_VECTOR for g in model.distinct() for op in g)
-    plan = build("auto", model, part, choice.pattern,
-                 streams=(*DEFAULT_STREAMS, VECTOR_STREAM) if vec else DEFAULT_STREAMS,
-                 stream_of=vector_stream if vec else default_stream,
-                 options={"choice": choice.describe()})
+    plan = build("auto", model, part, choice.pattern, options={"choice": choice.describe()})
+    if vec:
+        plan = with_vector_stream(plan)
     return validate(plan) if check else plan
 
 

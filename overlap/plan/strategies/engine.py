@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import attrs
+
 from overlap.errors import ConfigError
 from overlap.ops_graph.graph import Graph, ModelGraph
 from overlap.ops_graph.op import Op, OpKind, Role
@@ -69,9 +71,15 @@ def default_stream(op: Op) -> int:
     return 1 if op.kind is OpKind.COMM else 0
 
 
-def vector_stream(op: Op) -> int:
-    """As :func:`default_stream`, but MLA's vector work on the second compute stream (2)."""
-    return 2 if op.role == Role.MLA_VECTOR else default_stream(op)
+def with_vector_stream(plan: Plan) -> Plan:
+    """``plan`` with MLA's vector ops (role ``mla_vector``) moved to a second compute stream,
+    ``vector``, appended to its streams: how multistream MLA composes with any order."""
+    streams = plan.streams if VECTOR_STREAM in plan.streams else (*plan.streams, VECTOR_STREAM)
+    vec = streams.index(VECTOR_STREAM)
+    layers = plan.model.layers
+    steps = [s._replace(stream=vec) if layers[s.layer][s.op].role == Role.MLA_VECTOR else s
+             for s in plan.steps]
+    return attrs.evolve(plan, streams=streams, steps=steps)
 
 
 def build(name: str, model: ModelGraph, split: Split, pattern: Sequence[Entry], *,

@@ -16,10 +16,10 @@ from __future__ import annotations
 from overlap.ops_graph.graph import ModelGraph
 from overlap.plan.plan import DEFAULT_STREAMS, Plan
 from overlap.plan.split import Split, whole
-from overlap.plan.strategies.engine import VECTOR_STREAM, build, in_order, vector_stream
+from overlap.plan.strategies.engine import build, in_order, with_vector_stream
 
 
 def ascend_multistream_mla(model: ModelGraph, split: Split) -> Plan:
     """The unsplit batch in order, MLA vector ops on their own stream."""
-    return build("ascend_multistream_mla", model, whole(split.batch), in_order(1),
-                 streams=(*DEFAULT_STREAMS, VECTOR_STREAM), stream_of=vector_stream)
+    return with_vector_stream(build("ascend_multistream_mla", model, whole(split.batch),
+                                    in_order(1), streams=DEFAULT_STREAMS))
