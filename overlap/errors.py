@@ -7,6 +7,9 @@ builtin it refines (``ValueError``, ``ImportError``) so generic handlers keep wo
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class OverlapError(Exception):
     """Base of every error raised on purpose by `overlap`."""
@@ -27,3 +30,18 @@ class ConfigError(OverlapError, ValueError):
 
 class MissingDependencyError(OverlapError, ImportError):
     """An optional dependency is not installed; the message names the extra that provides it."""
+
+
+def suggest(name: object, valid: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the valid name closest to a mistyped ``name``, else ``""``.
+
+    Meant to be appended to an "unknown X" message that also lists what is valid, e.g.
+    ``f"unknown strategy {name!r}{suggest(name, names)}; valid: {', '.join(names)}"``.
+    """
+    if not isinstance(name, str):
+        return ""
+    close = difflib.get_close_matches(name.lower(), [v.lower() for v in valid], n=1, cutoff=0.6)
+    if not close:
+        return ""
+    original = next(v for v in valid if v.lower() == close[0])
+    return f" (did you mean {original!r}?)"

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
-from overlap.errors import ConfigError, OverlapError, PlanError
+from overlap.errors import ConfigError, OverlapError, PlanError, suggest
 from overlap.ops_graph.graph import Graph
 from overlap.ops_graph.op import OpKind
 from overlap.plan.plan import Plan, Stream
@@ -100,7 +100,8 @@ def get_backend(name: str, **options: Any) -> Backend:
     try:
         module, attr = BACKENDS[name].split(":")
     except KeyError:
-        raise ConfigError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS)}") from None
+        raise ConfigError(f"unknown backend {name!r}{suggest(name, BACKENDS)}; "
+                          f"valid: {', '.join(BACKENDS)}") from None
     return getattr(importlib.import_module(module), attr)(**options)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from overlap.errors import ConfigError
+from overlap.errors import ConfigError, suggest
 
 VENDORS = ("ascend", "nvidia")
 
@@ -257,5 +257,5 @@ def get_hardware(name: str | Hardware) -> Hardware:
     key = _normalise(str(name))
     key = _ALIASES.get(key, key)
     if key not in HARDWARE:
-        raise ConfigError(f"unknown hardware {name!r}; valid: {', '.join(HARDWARE)}")
+        raise ConfigError(f"unknown hardware {name!r}{suggest(name, HARDWARE)}; valid: {', '.join(HARDWARE)}")
     return HARDWARE[key]

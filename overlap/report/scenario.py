@@ -17,7 +17,7 @@ import attrs
 
 from overlap.backends.simulated import simulate
 from overlap.cost import Hardware, get_hardware, op_time
-from overlap.errors import ConfigError, OverlapError
+from overlap.errors import ConfigError, OverlapError, suggest
 from overlap.ops_graph.graph import ModelGraph
 from overlap.ops_graph.op import OpKind
 from overlap.ops_graph.shape import Shape
@@ -138,13 +138,16 @@ def strategy_names(spec: str | Iterable[str]) -> list[str]:
     """``all``, one name, or a comma-separated list -> registered strategy names."""
     names = spec.split(",") if isinstance(spec, str) else list(spec)
     names = [n.strip() for n in names if n.strip()]
-    if names == ["all"]:
-        return list(STRATEGIES)
-    unknown = [n for n in names if n not in STRATEGIES]
-    if unknown or not names:
-        raise ConfigError(f"unknown strategy {', '.join(map(repr, unknown)) or repr(spec)}; "
-                          f"valid: all, {', '.join(STRATEGIES)}")
-    return names
+    if not names:
+        raise ConfigError(f"'--strategy' names no strategy (got {spec!r}); valid: all, "
+                          f"{', '.join(STRATEGIES)}")
+    for name in names:
+        if name != "all" and name not in STRATEGIES:
+            raise ConfigError(f"unknown strategy {name!r}{suggest(name, ['all', *STRATEGIES])}; "
+                              f"valid: all, {', '.join(STRATEGIES)}")
+    # 'all' may appear in a list ("all,sequential"): it stands for every strategy, once each.
+    expanded = [n for name in names for n in (STRATEGIES if name == "all" else [name])]
+    return list(dict.fromkeys(expanded))
 
 
 def cost_of(model: ModelGraph, hardware: str | Hardware) -> Callable[[Shape], float]:

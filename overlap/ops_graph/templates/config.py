@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from overlap.errors import ConfigError
+from overlap.errors import ConfigError, suggest
 
 FAMILIES = ("deepseek", "qwen3_moe")
 
@@ -175,7 +175,8 @@ def load_model(spec: str | Mapping[str, Any] | ModelConfig) -> ModelConfig:
             raise ConfigError(f"cannot read model config {str(path)!r}: {exc}") from None
         return ModelConfig.from_hf(data, name=path.parent.name or path.stem)
     raise ConfigError(
-        f"unknown model {spec!r}; valid: {', '.join(PRESETS)}, or a path to a config.json"
+        f"unknown model {spec!r}{suggest(spec, PRESETS)}; valid: {', '.join(PRESETS)}, "
+        "or a path to a config.json"
     )
 
 

@@ -11,7 +11,7 @@ from types import MappingProxyType
 
 import attrs
 
-from overlap.errors import ConfigError
+from overlap.errors import ConfigError, suggest
 from overlap.ops_graph.graph import ModelGraph
 from overlap.plan.plan import Plan
 from overlap.plan.split import Split
@@ -47,7 +47,8 @@ def get_strategy(name: str) -> Strategy:
     try:
         return STRATEGIES[name]
     except KeyError:
-        raise ConfigError(f"unknown strategy {name!r}; valid: {', '.join(STRATEGIES)}") from None
+        raise ConfigError(f"unknown strategy {name!r}{suggest(name, STRATEGIES)}; "
+                          f"valid: {', '.join(STRATEGIES)}") from None
 
 
 def build_plan(name: str, model: ModelGraph, split: Split, *, multistream_mla: bool = False,
