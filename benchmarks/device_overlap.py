@@ -21,12 +21,12 @@ uses. Everything else (microbatch sizes, overlap, contention) is predicted.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 
+from overlap._atomic import write_json
 from overlap._optional import require
 from overlap.backends.executor import Executor
 from overlap.backends.simulated import simulate
@@ -135,6 +135,13 @@ def main() -> int:
                         help="transfer rate of --comm sleep, GB/s (default 10)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args()
+    # Sizes are checked before torch is required, so a bad flag is reported even without torch.
+    for name in ("tokens", "dim", "reps", "payload", "layers", "repeats"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"{sys.argv[0]}: error: '--{name}' must be >= 1 (got {value})")
+    if args.link_gbps <= 0:
+        raise SystemExit(f"{sys.argv[0]}: error: '--link-gbps' must be > 0 (got {args.link_gbps})")
 
     # One OpenMP thread in every thread (set before torch loads: torch.set_num_threads only
     # reaches the calling thread's OpenMP pool, not the backend's worker threads).
@@ -158,14 +165,7 @@ def main() -> int:
 
     tokens, dim, payload = (d if v is None else v
                             for v, d in zip((args.tokens, args.dim, args.payload), defaults))
-    for name, value in (("tokens", tokens), ("dim", dim), ("reps", args.reps),
-                        ("payload", payload), ("layers", args.layers), ("repeats", args.repeats)):
-        if value < 1:
-            raise SystemExit(f"{sys.argv[0]}: error: '--{name}' must be >= 1 (got {value})")
-
     comm = args.comm or ("copy" if accel else "sleep")
-    if args.link_gbps <= 0:
-        raise SystemExit(f"{sys.argv[0]}: error: '--link-gbps' must be > 0 (got {args.link_gbps})")
     torch.manual_seed(0)
     ops = Ops(torch, device, dtype, dim, args.reps, payload, comm, args.link_gbps)
     x = torch.randn(tokens, dim, device=device, dtype=dtype)
@@ -200,11 +200,11 @@ def main() -> int:
         print(f"{r['strategy']:>16}  {r['measured_ms']:16.2f}  {r['predicted_ms']:16.2f}  "
               f"{r['error']:+16.1%}  {r['measured_speedup']:15.2f}x  {r['predicted_speedup']:15.2f}x")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": str(device), "backend": backend, "comm": comm,
-                       "tokens": tokens, "dim": dim,
-                       "reps": args.reps, "payload_per_token": payload, "layers": args.layers,
-                       "gemm_s": gemm_s, "copy_s": copy_s, "rows": rows}, f, indent=1)
+        write_json(args.json, {"device": str(device), "backend": backend, "comm": comm,
+                               "tokens": tokens, "dim": dim,
+                               "reps": args.reps, "payload_per_token": payload,
+                               "layers": args.layers, "gemm_s": gemm_s, "copy_s": copy_s,
+                               "rows": rows}, indent=1)
     return 0
 
 

@@ -16,7 +16,6 @@ Each figure is the median over ``--repeats`` runs. ``python benchmarks/host_over
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -24,6 +23,7 @@ from collections.abc import Callable
 
 from _common import run_main
 
+from overlap._atomic import write_json
 from overlap.backends import Executor, get_backend
 from overlap.ops_graph import ModelGraph
 from overlap.ops_graph.templates import ParallelConfig, build_model
@@ -130,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"  {r['row']:{width}}  {r['us_per_step']:7.2f}  {r['note']}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json(args.json, rows, indent=1)
     return 0
 
 

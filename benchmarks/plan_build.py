@@ -11,12 +11,12 @@ disturbed by other load on a shared machine. The target is < 5 ms per plan.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 from _common import run_main
 
+from overlap._atomic import write_json
 from overlap.ops_graph.templates import ParallelConfig, build_model
 from overlap.plan import STRATEGIES, Batch, build_plan, split
 
@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     worst = max(r["build_validate_ms"] for r in rows)
     print(f"worst build+validate: {worst:.2f} ms (target < 5 ms)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"repeats": args.repeats, "rows": rows}, f, indent=1)
+        write_json(args.json, {"repeats": args.repeats, "rows": rows}, indent=1)
 
 
 if __name__ == "__main__":

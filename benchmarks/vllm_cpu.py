@@ -11,13 +11,14 @@ the adapter off and on), alternating rounds so drift on a shared machine hits bo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 from pathlib import Path
 
 from _common import run_main
+
+from overlap._atomic import write_json
 
 MODEL = Path(__file__).resolve().parent.parent / "tests" / "data" / "tiny-deepseek-v3"
 
@@ -82,10 +83,10 @@ def main() -> None:
           f"{counters.get('steps_planned', 0)}, stock steps {counters.get('fallback_batch', 0)}; "
           f"tokens identical: {outputs['on'] == outputs['off']})")
     if args.json:
-        args.json.write_text(json.dumps({
+        write_json(args.json, {
             "workload": vars(args) | {"json": str(args.json)}, "seconds": seconds,
             "tokens_per_s": rate, "ratio": ratio, "tokens_identical": outputs["on"] == outputs["off"],
-            "stats": counters}, indent=1))
+            "stats": counters}, indent=1)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from overlap.errors import (
     ConfigError,
     GraphError,
     MissingDependencyError,
+    OutputError,
     OverlapError,
     PlanError,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "ModelGraph",
     "Op",
     "OpKind",
+    "OutputError",
     "OverlapError",
     "PlanError",
     "Role",

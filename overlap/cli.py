@@ -9,12 +9,12 @@ only to draw the picture.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from overlap._atomic import write_json
 from overlap.errors import MissingDependencyError, OverlapError
 
 DEFAULT_OUT = "overlap-out"
@@ -97,7 +97,15 @@ def _scenario(args: argparse.Namespace, **override: Any):
 
 def _write_json(args: argparse.Namespace, data: dict[str, Any]) -> None:
     if args.json:
-        Path(args.json).write_text(json.dumps(data, indent=1, sort_keys=True))
+        write_json(args.json, data, indent=1, sort_keys=True)
+
+
+def _distinct_outputs(args: argparse.Namespace, other: str | Path, flag: str) -> None:
+    """Refuse a ``--json`` that names the same file as another input or output of the command:
+    one would overwrite the other."""
+    if args.json and Path(args.json).resolve() == Path(other).resolve():
+        raise OverlapError(f"'--json' and '{flag}' both name {str(other)!r}: give --json "
+                           "another path")
 
 
 def _one_strategy(args: argparse.Namespace) -> str:
@@ -201,8 +209,10 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     from overlap.report.trace import write_trace
 
     name = _one_strategy(args)
+    target = args.output or Path(DEFAULT_OUT) / f"{name}.trace.json"
+    _distinct_outputs(args, target, "-o")
     timeline = run(_scenario(args), name)
-    path = write_trace(timeline, args.output or Path(DEFAULT_OUT) / f"{name}.trace.json")
+    path = write_trace(timeline, target)
     m = metrics(timeline)
     print(f"{name}: step {m.step_s * 1e3:.3f} ms, exposed comm {m.exposed_comm_s * 1e3:.3f} ms; "
           f"wrote {path} (open it in https://ui.perfetto.dev)")
@@ -215,6 +225,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from overlap.cost import fit, get_hardware, load_measurements
     from overlap.report.scenario import plan_for
 
+    _distinct_outputs(args, args.measurements, "measurements")
     scenario = _scenario(args)
     plan = plan_for(scenario, _one_strategy(args))
     hw = get_hardware(scenario.hardware)
@@ -248,8 +259,7 @@ def _cmd_graph(args: argparse.Namespace) -> int:
         print()
         print(graph.render(shape))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(model.to_dict(), f, indent=1, sort_keys=True)
+        write_json(args.json, model.to_dict(), indent=1, sort_keys=True)
     return 0
 
 

@@ -28,6 +28,11 @@ class ConfigError(OverlapError, ValueError):
     """A configuration value (model, parallelism, strategy, hardware, ...) is not valid."""
 
 
+class OutputError(OverlapError, OSError):
+    """An output file could not be written; the message names the file. The previous content of
+    the file, if any, is left in place."""
+
+
 class MissingDependencyError(OverlapError, ImportError):
     """An optional dependency is not installed; the message names the extra that provides it."""
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from overlap._atomic import atomic_path
 from overlap._optional import require
 from overlap.errors import ConfigError
 from overlap.report.timeline import Span, Timeline
@@ -79,10 +80,9 @@ def gantt(timeline: Timeline, path: str | os.PathLike[str], *,
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(path)
 
 
 def _box(ax, span: Span, start: float, end: float, y: float, scale: float, px_per_s: float) -> None:

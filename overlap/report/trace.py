@@ -7,12 +7,12 @@ per timeline, one track (thread) per stream, a complete (``ph: "X"``) event per 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from overlap._atomic import write_json
 from overlap.report.timeline import Timeline
 
 
@@ -41,8 +41,5 @@ def chrome_trace(timelines: Timeline | Sequence[Timeline]) -> dict[str, Any]:
 
 
 def write_trace(timelines: Timeline | Sequence[Timeline], path: str | os.PathLike[str]) -> Path:
-    """Write :func:`chrome_trace` to ``path`` (creating its folder); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(chrome_trace(timelines), separators=(",", ":")))
-    return path
+    """Write :func:`chrome_trace` to ``path`` atomically (creating its folder); returns the path."""
+    return write_json(path, chrome_trace(timelines), separators=(",", ":"))
