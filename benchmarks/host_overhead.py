@@ -7,6 +7,8 @@ not the ops. Rows:
 * ``direct``: the same op callables called in a flat loop with prebuilt arguments (the floor);
 * ``inline executor``: a whole ``Executor.run`` on the inline backend, minus ``direct``, per step;
 * ``threads executor``: the same on the threads backend (hand-off, events, worker wake-ups);
+* ``... recording``: the same with ``Executor(record=True)`` (a host-clock span per step; the
+  rows without it are recording off, which issues exactly what it did before recording existed);
 * ``threads hand-off``: one ``submit`` of a no-op to a worker thread, drained;
 * ``threads record+wait``: one event recorded on a stream and waited for on another.
 
@@ -99,11 +101,13 @@ def measure(strategy: str, layers: int | None, repeats: int) -> list[dict]:
     inputs = {name: list(range(64)) for name in model.layers[0].inputs}
     direct = median_time(direct_calls(plan), repeats)
     rows = [{"row": "direct op calls", "us_per_step": direct / steps * 1e6, "note": "floor"}]
-    for name in ("inline", "threads"):
-        with Executor(plan, name) as ex:
+    for name, record in (("inline", False), ("inline", True), ("threads", False), ("threads", True)):
+        with Executor(plan, name, record=record) as ex:
             total = median_time(lambda ex=ex: ex.run(inputs, join=list), repeats)
-        rows.append({"row": f"{name} executor (added)", "us_per_step": (total - direct) / steps * 1e6,
-                     "note": f"target <= {TARGET_US} us" if name == "inline" else "incl. hand-offs"})
+        note = f"target <= {TARGET_US} us" if name == "inline" else "incl. hand-offs"
+        rows.append({"row": f"{name} executor{', recording' if record else ''} (added)",
+                     "us_per_step": (total - direct) / steps * 1e6,
+                     "note": "timeline of every step" if record else note})
     n = 2000
     rows.append({"row": "threads hand-off", "us_per_step": median_time(handoff(n), repeats) / n * 1e6,
                  "note": "one submit, drained"})

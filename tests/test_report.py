@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from overlap.backends.timeline import covered, uncovered
 from overlap.cost import load_measurements
 from overlap.errors import ConfigError
 from overlap.report import (
@@ -20,7 +21,6 @@ from overlap.report import (
     write_trace,
 )
 from overlap.report.scenario import Scenario, best, compare, strategy_names
-from overlap.report.timeline import covered, uncovered
 
 US = 1e-6
 

@@ -2,7 +2,8 @@
 
 ``inline`` (calling thread, issue order), ``threads`` (a worker thread per stream, events),
 ``torch_streams`` (``torch.Stream``/``torch.Event`` on the accelerator torch reports), ``npu``
-(Ascend specifics on top) and ``recording`` (a test double). Backends that need torch are imported
+(Ascend specifics on top) and ``recording`` (a test double). ``Executor(..., record=True)`` times
+a run into a :class:`Timeline`, the same object the simulator predicts. Backends that need torch are imported
 only when asked for, so this package stays torch-free.
 """
 
@@ -19,6 +20,7 @@ from overlap.backends.executor import (
     Executor,
     get_backend,
 )
+from overlap.backends.timeline import Span, Timeline
 
 _LAZY = {
     "InlineBackend": "overlap.backends.inline",
@@ -47,7 +49,9 @@ __all__ = [
     "InlineBackend",
     "NpuBackend",
     "RecordingBackend",
+    "Span",
     "ThreadsBackend",
+    "Timeline",
     "TorchStreamsBackend",
     "get_backend",
 ]

@@ -11,16 +11,25 @@ Backends implement the small :class:`Backend` protocol. ``inline`` runs everythi
 thread in issue order; ``threads`` makes each stream a worker thread (real concurrency on CPU, so a
 missing wait shows up); ``torch_streams`` and ``npu`` issue to device streams. This module does not
 import torch.
+
+``Executor(plan, backend, record=True)`` also times every step and leaves the run's
+:class:`~overlap.backends.timeline.Timeline` in ``executor.timeline`` — the same object the
+simulator predicts, so metrics, traces and Gantt pictures work on measured runs. Backends with a
+``timing_event`` method (device streams) are timed with device events recorded around each step
+on its stream; the others with the host clock around each call, on the thread that runs it. With
+``record=False`` (the default) the issue program is the same as without recording.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
+from overlap.backends.timeline import Span, Timeline
 from overlap.errors import ConfigError, OverlapError, PlanError, suggest
 from overlap.ops_graph.graph import Graph
 from overlap.ops_graph.op import OpKind
@@ -59,7 +68,9 @@ class Backend(Protocol):
     Optional extras: ``use(handle, value)`` is called when a step reads a value produced on another
     stream (device backends use it to keep the memory alive for that stream); a true
     ``implicit_waits`` attribute says the backend orders streams by data dependencies only (graph
-    capture), and the executor then refuses plans that need more.
+    capture), and the executor then refuses plans that need more; ``timing_event(handle)`` returns
+    a timing event recorded on the stream and ``elapsed_s(a, b)`` the seconds from event ``a`` to
+    ``b`` (device backends: the executor then times steps with them instead of the host clock).
     """
 
     name: str
@@ -211,14 +222,29 @@ class Executor:
     An Executor runs one step at a time (it is not re-entrant). Built from a backend *name*, it
     owns the backend and closes it in :meth:`close`; a backend object passed in stays the
     caller's.
+
+    record: time every (layer, microbatch, op) span of each run; ``timeline`` then holds the
+            last run's measured :class:`Timeline` (None before the first run and when off).
     """
 
-    def __init__(self, plan: Plan, backend: Backend | str = "inline") -> None:
+    def __init__(self, plan: Plan, backend: Backend | str = "inline", *, record: bool = False) -> None:
         self.plan = plan
         self._owns_backend = isinstance(backend, str)
         self.backend: Backend = get_backend(backend) if isinstance(backend, str) else backend
         if getattr(self.backend, "implicit_waits", False):
             _check_implicit_waits(plan, self.backend.name)
+            if record:
+                raise ConfigError(f"backend {self.backend.name!r} captures a graph: its ops cannot "
+                                  "be timed one by one; profile the replayed graph instead")
+        self.record = bool(record)
+        self.timeline: Timeline | None = None
+        timing_event = getattr(self.backend, "timing_event", None) if record else None
+        self._device_clock = timing_event is not None
+        n = len(plan.steps)
+        self._starts: list[Any] = [None] * n if record else []
+        self._ends: list[Any] = [None] * n if record else []
+        self._kinds = [plan.model.layers[s.layer][s.op].kind.value for s in plan.steps]
+        self._submitted = 0
         self._program = _Program(plan)
         self._handles = [self.backend.make_stream(s) for s in plan.streams]
         self._env: list[Any] = [MISSING] * self._program.n_slots
@@ -245,17 +271,24 @@ class Executor:
         self._load(inputs, take or _take)
         env, events, backend = self._env, self._events, self.backend
         wait, submit, record = backend.wait, backend.submit, backend.record
+        if self._device_clock:
+            submit, self._submitted = self._timed_submit, 0
+            origin = [backend.timing_event(h) for h in self._handles[:1]]
+        elif self.record:
+            origin = [time.perf_counter()]
         try:
             for i, handle, call, label, waits, rec, host in program:
                 for on in waits:
                     wait(handle, events[on])
                 if host:
-                    self._host_step(handle, call, label)
+                    self._host_step(handle, call, label, submit)
                 else:
                     submit(handle, call, label)
                 if rec:
                     events[i] = record(handle)
             backend.synchronize()
+            if self.record:
+                self.timeline = self._measured(origin[0])
             return self._collect(join or _join)
         except BaseException:
             # Drain what was issued; the error being handled is the one to report.
@@ -265,14 +298,48 @@ class Executor:
         finally:
             env[:] = [MISSING] * len(env)
             events[:] = [None] * len(events)
+            if self.record:  # in place: the timed closures hold these lists
+                self._starts[:] = [None] * len(self._starts)
+                self._ends[:] = [None] * len(self._ends)
 
-    def _host_step(self, handle: Any, call: Callable[[], None], label: str) -> None:
+    def _host_step(self, handle: Any, call: Callable[[], None], label: str,
+                   submit: Callable[[Any, Callable[[], None], str], None]) -> None:
         # A HOST op blocks the host: its inputs are complete before it is called, and nothing
         # after it is issued until it has run.
         backend = self.backend
         backend.host_wait(backend.record(handle))
-        backend.submit(handle, call, label)
+        submit(handle, call, label)
         backend.host_wait(backend.record(handle))
+
+    # -- recording ------------------------------------------------------------------------------
+
+    def _timed_submit(self, handle: Any, call: Callable[[], None], label: str) -> None:
+        # Device clock: events on the step's own stream bracket the kernels ``call`` queues.
+        # Steps are submitted in step order, so the index is the count so far.
+        backend = self.backend
+        i = self._submitted
+        self._starts[i] = backend.timing_event(handle)
+        backend.submit(handle, call, label)
+        self._ends[i] = backend.timing_event(handle)
+        self._submitted = i + 1
+
+    def _measured(self, origin: Any) -> Timeline:
+        plan, starts, ends = self.plan, self._starts, self._ends
+        if self._device_clock:
+            elapsed = self.backend.elapsed_s
+            starts = [elapsed(origin, e) for e in starts]
+            ends = [elapsed(origin, e) for e in ends]
+            device = str(getattr(self.backend, "device", self.backend.name))
+        else:
+            starts = [t - origin for t in starts]
+            ends = [t - origin for t in ends]
+            device = f"{self.backend.name} (host clock)"
+        shift = min(0.0, min(starts, default=0.0))  # a stream's origin may precede stream 0's
+        kinds = self._kinds
+        spans = [Span(s.layer, s.micro, s.op, s.stream, starts[i] - shift, ends[i] - shift, kinds[i])
+                 for i, s in enumerate(plan.steps)]
+        return Timeline(plan.strategy, [s.name for s in plan.streams], spans, device=device,
+                        measured=True)
 
     def _load(self, inputs: Mapping[str, Any], take: Callable[[Any, int, int], Any]) -> None:
         names = self.plan.model.layers[0].inputs
@@ -308,10 +375,13 @@ class Executor:
         fns = self._functions(layers)
         program = self._program
         use = getattr(self.backend, "use", None)
+        host_clock = self.record and not self._device_clock
         out = []
         for i, step in enumerate(self.plan.steps):
             handle = self._handles[step.stream]
             call = self._closure(i, fns[i], context, use, handle)
+            if host_clock:
+                call = self._host_timed(i, call)
             out.append((i, handle, call, step.label(), tuple(program.waits[i]),
                         i in program.recorded, program.host[i]))
         self._bound = (tuple(layers), context, out)
@@ -384,6 +454,18 @@ class Executor:
 
         call.__qualname__ = f"step {step.label()}"
         return call
+
+    def _host_timed(self, i: int, call: Callable[[], None]) -> Callable[[], None]:
+        # Host clock, read on the thread that runs the step (a worker thread for ``threads``).
+        starts, ends, clock = self._starts, self._ends, time.perf_counter
+
+        def timed() -> None:
+            starts[i] = clock()
+            call()
+            ends[i] = clock()
+
+        timed.__qualname__ = call.__qualname__
+        return timed
 
     # -- lifetime -----------------------------------------------------------------------------
 

@@ -26,11 +26,11 @@ from collections import defaultdict
 
 import attrs
 
+from overlap.backends.timeline import Span, Timeline
 from overlap.cost import Hardware, collective_time, get_hardware, op_time
 from overlap.errors import ConfigError, PlanError
 from overlap.ops_graph.op import Collective, OpKind
 from overlap.plan.plan import Plan
-from overlap.report.timeline import Span, Timeline
 
 COMM_MODES = ("normal", "low_latency")
 FINISH, ISSUE = 0, 1  # at equal times, finishes are handled before issues

@@ -82,6 +82,16 @@ class TorchStreamsBackend:
     def wait(self, handle: Any, event: Any) -> None:
         handle.wait_event(event)
 
+    def timing_event(self, handle: Any) -> Any:
+        """A timing event recorded now on ``handle`` (used by ``Executor(record=True)``)."""
+        event = self.torch.Event(device=self.device, enable_timing=True)
+        event.record(handle)
+        return event
+
+    def elapsed_s(self, start: Any, end: Any) -> float:
+        """Seconds between two completed timing events (torch reports milliseconds)."""
+        return start.elapsed_time(end) / 1e3
+
     def host_wait(self, event: Any) -> None:
         event.synchronize()
 

@@ -45,6 +45,12 @@ class Measurement:
     kind: str | None = None
 
 
+def measurements(timeline: Any) -> list[Measurement]:
+    """Every span of a :class:`~overlap.backends.timeline.Timeline` (measured with
+    ``Executor(record=True)``, or simulated) as a measurement of its op, with its kind."""
+    return [Measurement(s.op, s.end - s.start, s.kind) for s in timeline.spans]
+
+
 def load_measurements(path: str | os.PathLike[str]) -> list[Measurement]:
     """Every op duration in the trace or CSV at ``path``, in file order."""
     text = _read_text(path)

@@ -6,10 +6,10 @@ measured step are reported alike. matplotlib is imported only when a picture is 
 runs the simulator, which itself builds on this package.
 """
 
+from overlap.backends.timeline import Span, Timeline
 from overlap.report.gantt import gantt, steady_window
 from overlap.report.metrics import Metrics, efficiency, metrics
 from overlap.report.tables import format_table, strategy_table
-from overlap.report.timeline import Span, Timeline
 from overlap.report.trace import chrome_trace, write_trace
 
 __all__ = [

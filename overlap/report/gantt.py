@@ -15,8 +15,8 @@ from pathlib import Path
 
 from overlap._atomic import atomic_path
 from overlap._optional import require
+from overlap.backends.timeline import Span, Timeline
 from overlap.errors import ConfigError
-from overlap.report.timeline import Span, Timeline
 
 MICRO_COLOURS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3",
                  "#8C8C8C")

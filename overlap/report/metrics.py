@@ -16,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from overlap.report.timeline import Timeline, covered, uncovered
+from overlap.backends.timeline import Timeline, covered, uncovered
 
 
 @attrs.frozen

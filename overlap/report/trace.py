@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from overlap._atomic import write_json
-from overlap.report.timeline import Timeline
+from overlap.backends.timeline import Timeline
 
 
 def chrome_trace(timelines: Timeline | Sequence[Timeline]) -> dict[str, Any]:
