@@ -18,7 +18,7 @@ from _common import run_main
 
 from overlap._atomic import write_json
 from overlap.ops_graph.templates import ParallelConfig, build_model
-from overlap.plan import STRATEGIES, Batch, build_plan, split
+from overlap.plan import NAMED, Batch, build_plan, split
 
 CASES = {
     "prefill EP16 16k": ("prefill", "one", Batch.prefill(16384, 4)),
@@ -32,9 +32,7 @@ def measure(repeats: int) -> list[dict]:
     for case, (phase, attention, batch) in CASES.items():
         model = build_model("deepseek-v3", ParallelConfig(ep=16), phase=phase, attention=attention)
         s = split(batch, 2)
-        for name in STRATEGIES:
-            if name == "auto":  # a search, timed by its own benchmark
-                continue
+        for name in NAMED:  # auto is a search, timed by benchmarks/strategies.py
             build, total = [], []
             for _ in range(repeats):
                 t0 = time.perf_counter()

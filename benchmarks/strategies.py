@@ -33,17 +33,14 @@ from _common import run_main
 from overlap._atomic import atomic_path, write_json, write_text
 from overlap.backends.simulated import simulate
 from overlap.ops_graph.templates import ParallelConfig
-from overlap.plan import Batch, build_plan, split
-from overlap.plan.cache import Planner
-from overlap.plan.strategies import STRATEGIES
-from overlap.plan.strategies.auto import NATURAL_GRAIN, search, templates_graphs
+from overlap.plan import NAMED, STRATEGIES, Batch, build_plan, split
 from overlap.report.metrics import metrics
+from overlap.search import Planner, search, templates_graphs
 
 HARDWARE = ("910b2", "910c", "h800")
 PREFILL = (4096, 16384, 65536)
 DECODE = (64, 256, 1024)
 CONTEXT = 4096
-NAMED = [n for n in STRATEGIES if n != "auto"]
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
@@ -82,7 +79,7 @@ def run(hw: str, phase: str, tokens: int, par: ParallelConfig) -> dict:
     seq = simulate(build_plan("sequential", graphs("one"), two), hw, comm_mode=mode)
     rows = {}
     for name in NAMED:
-        plan = build_plan(name, graphs(NATURAL_GRAIN.get(name, "one")), two)
+        plan = build_plan(name, graphs(STRATEGIES[name].grain), two)
         rows[name] = metrics(simulate(plan, hw, comm_mode=mode), seq)
     cpu = time.process_time()
     result = search(graphs("one"), batch, hw, graphs=graphs, attention="one", comm_mode=mode,

@@ -69,11 +69,15 @@ def _scenario_flags(p: argparse.ArgumentParser, *, lists: bool = False, strategy
                         "else all_reduce)")
     g.add_argument("--dtype", default="bf16", choices=("bf16", "int8", "fp8"),
                    help="GEMM dtype; int8 is W8A8 (default: %(default)s)")
+    from overlap.plan.strategies import GRAINS, STRATEGIES  # torch-free and small
+
     g.add_argument("--strategy", default=strategy,
-                   help="a strategy name, a comma list, or 'all' (default: %(default)s)")
-    g.add_argument("--attention", default=None, choices=("one", "two_stage", "fine"),
-                   help="attention grain for every strategy (default: per strategy: two_stage for "
-                        "deepseek_decode, fine for ascend_multistream_mla, else one)")
+                   help=f"a strategy name ({', '.join(STRATEGIES)}), a comma list, or 'all' "
+                        "(default: %(default)s)")
+    own = ", ".join(f"{s.grain} for {s.name}" for s in STRATEGIES.values() if s.grain != "one")
+    g.add_argument("--attention", default=None, choices=GRAINS,
+                   help=f"attention grain for every strategy (default: per strategy: {own}, "
+                        "else one)")
     g.add_argument("--microbatches", type=int, default=2, help="microbatch count (default: 2)")
     g.add_argument("--comm-mode", default=None, choices=("normal", "low_latency"),
                    help="all-to-all mode (default: low_latency for decode, else normal)")
@@ -84,7 +88,7 @@ def _scenario_flags(p: argparse.ArgumentParser, *, lists: bool = False, strategy
 
 
 def _scenario(args: argparse.Namespace, **override: Any):
-    from overlap.report.scenario import Scenario
+    from overlap.search.scenario import Scenario
 
     fields = dict(model=args.model, hardware=args.hardware, phase=args.phase, tokens=args.tokens,
                   requests=args.requests, context=args.context, tp=args.tp, ep=args.ep, dp=args.dp,
@@ -109,7 +113,7 @@ def _distinct_outputs(args: argparse.Namespace, other: str | Path, flag: str) ->
 
 
 def _one_strategy(args: argparse.Namespace) -> str:
-    from overlap.report.scenario import strategy_names
+    from overlap.search.scenario import strategy_names
 
     if args.strategy is None:
         return "deepseek_decode" if args.phase == "decode" else "deepseek_prefill"
@@ -134,8 +138,8 @@ def _results_json(results) -> list[dict[str, Any]]:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from overlap.report.scenario import best, compare
     from overlap.report.trace import write_trace
+    from overlap.search.scenario import best, compare
 
     scenario = _scenario(args)
     results = compare(scenario, args.strategy)
@@ -170,8 +174,8 @@ def _draw(timeline, path: Path) -> Path:
 def _cmd_compare(args: argparse.Namespace) -> int:
     import itertools
 
-    from overlap.report.scenario import compare
     from overlap.report.tables import format_table, ms, pct, times
+    from overlap.search.scenario import compare
 
     axes = {k: getattr(args, k) for k in ("tokens", "requests", "context", "tp", "ep", "dp")}
     varied = {k: v if isinstance(v, list) else [v] for k, v in axes.items()}
@@ -195,7 +199,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from overlap.report.scenario import plan_for
+    from overlap.search.scenario import plan_for
 
     plan = plan_for(_scenario(args), _one_strategy(args))
     print(plan.to_json() if args.format == "json" else plan)
@@ -205,8 +209,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_trace(args: argparse.Namespace) -> int:
     from overlap.report.metrics import metrics
-    from overlap.report.scenario import run
     from overlap.report.trace import write_trace
+    from overlap.search.scenario import run
 
     name = _one_strategy(args)
     target = args.output or Path(DEFAULT_OUT) / f"{name}.trace.json"
@@ -223,7 +227,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from overlap.backends.simulated import step_work
     from overlap.cost import fit, get_hardware, load_measurements
-    from overlap.report.scenario import plan_for
+    from overlap.search.scenario import plan_for
 
     _distinct_outputs(args, args.measurements, "measurements")
     scenario = _scenario(args)

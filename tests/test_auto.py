@@ -8,16 +8,11 @@ from overlap.backends.simulated import simulate
 from overlap.errors import ConfigError
 from overlap.ops_graph.templates import ParallelConfig, build_model
 from overlap.plan import Batch, build_plan, split, validate
-from overlap.plan.cache import PlanCache, Planner, ShapeKey, bucket
 from overlap.plan.stages import STAGES
-from overlap.plan.strategies.auto import (
-    orders,
-    search,
-    split_at,
-    steady_layers,
-    templates_graphs,
-)
 from overlap.plan.strategies.deepseek import DECODE, PREFILL
+from overlap.search import PlanCache, Planner, ShapeKey, bucket, search, templates_graphs
+from overlap.search.evaluator import steady_layers
+from overlap.search.space import orders, split_at
 from tests.timeouts import deadline
 
 NAMED = ("sequential", "ascend_dbo", "sglang_tbo", "vllm_dbo", "deepseek_prefill",
@@ -43,11 +38,25 @@ def _model(parallel=None, phase="prefill", layers=5):
     return build_model("deepseek-v3", parallel, phase=phase, num_layers=layers)
 
 
-def test_registry_auto_plan_validates():
-    """``build_plan("auto", ...)`` returns a plan that passes validation, named ``auto``."""
-    plan = build_plan("auto", _model(), split(Batch.prefill(4096, 2), 2))
+def test_search_plan_validates():
+    """The searched plan passes validation and is named ``auto``."""
+    plan = search(_model(), Batch.prefill(4096, 2), "910b2", progress=False).plan
     assert validate(plan) is plan
     assert plan.strategy == "auto"
+
+
+def test_auto_through_build_plan_says_it_needs_hardware():
+    """``auto`` is a search, not a function of (graph, split): build_plan says what to call."""
+    with pytest.raises(ConfigError, match=r"^strategy 'auto' is a search and needs hardware to "
+                                          r"score plans on: use overlap\.search\.search"):
+        build_plan("auto", _model(), split(Batch.prefill(4096, 2), 2))
+
+
+def test_planner_without_hardware_says_what_to_pass():
+    """A Planner needs a preset or a calibrated Hardware; none is refused, listing the presets."""
+    with pytest.raises(ConfigError, match=r"^strategy 'auto' searches under a cost model and "
+                                          r"needs hardware: pass a preset \(910b2, "):
+        Planner("deepseek-v3", ParallelConfig(ep=16))
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
@@ -110,13 +119,13 @@ def test_micro_counts_out_of_range_is_a_clear_error():
     """A microbatch count outside 1..4 names the valid ones."""
     message = r"'micro_counts' must be a non-empty subset of 1, 2, 3, 4 \(got \(0,\)\)"
     with pytest.raises(ConfigError, match=message):
-        search(_model(), Batch.prefill(64), micro_counts=(0,))
+        search(_model(), Batch.prefill(64), "910b2", micro_counts=(0,))
 
 
 def test_batch_of_wrong_type_is_a_clear_error():
     """Passing a split (or anything else) where a Batch belongs says so."""
     with pytest.raises(ConfigError, match="'batch' must be a Batch \\(got Split\\)"):
-        search(_model(), split(Batch.prefill(64), 1))
+        search(_model(), split(Batch.prefill(64), 1), "910b2")
 
 
 def test_unknown_hardware_is_a_clear_error():
@@ -128,7 +137,7 @@ def test_unknown_hardware_is_a_clear_error():
 def test_top_below_one_is_a_clear_error():
     """``top`` must keep at least one candidate."""
     with pytest.raises(ConfigError, match=r"'top' must be >= 1 \(got 0\)"):
-        search(_model(), Batch.prefill(64), top=0)
+        search(_model(), Batch.prefill(64), "910b2", top=0)
 
 
 def test_bad_phase_in_shape_key_is_a_clear_error():
@@ -208,5 +217,5 @@ def test_auto_schedules_models_whose_layers_alternate_in_arity():
     two_in.compute("a", ("x", "y"), "z").comm("d", "all_to_all", "ep", "z", "w", size=2)
     one_in = GraphBuilder("one_in", ("w",)).compute("c", "w", ("p", "q"))
     model = ModelGraph("alternating", [one_in.build(("p", "q")), two_in.build("w")] * 6)
-    plan = build_plan("auto", model, split(Batch.prefill(64, 4), 2))
+    plan = search(model, Batch.prefill(64, 4), "910b2", progress=False).plan
     assert plan.n_layers == 12

@@ -17,19 +17,14 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 
 from overlap.errors import ConfigError  # noqa: E402
-from overlap.plan import STRATEGIES, Batch, build_plan, split  # noqa: E402
-from overlap.plan.strategies import MICROBATCHED  # noqa: E402
+from overlap.plan import NAMED, STRATEGIES, Batch, build_plan, split  # noqa: E402
 from overlap.reference import TINY, ReferenceModel  # noqa: E402
 
 MIXED = Batch.of([(5, 0), (1, 6), (4, 3), (1, 2)])  # prefill, decode, chunked prefill, decode
 CONTEXTS = {1: 6, 2: 3, 3: 2}
-NAMED = [s for s in STRATEGIES if s != "auto"]
-GRAIN = {"deepseek_decode": "two_stage", "ascend_multistream_mla": "fine"}
-# Strategies that never split run the whole batch whatever n asks: one count is enough.
-# DeepSeek's schedules are defined for two microbatches (1 is their fallback).
-COUNTS = {"deepseek_prefill": (1, 2), "deepseek_decode": (1, 2)}
-CASES = [(name, n) for name in NAMED
-         for n in (COUNTS.get(name, (1, 2, 3, 4)) if name in MICROBATCHED else (1,))]
+GRAIN = {name: s.grain for name, s in STRATEGIES.items()}
+# Each strategy at every count it accepts, and at 1 (a refused split runs whole).
+CASES = [(name, n) for name in NAMED for n in sorted({1, *STRATEGIES[name].microbatch_counts})]
 
 
 @pytest.fixture(scope="module")
@@ -124,11 +119,12 @@ def test_torch_streams_reproduce_the_plain_forward(model, graphs, mixed):
     assert_same(execute(model, plan, inputs, CONTEXTS, "torch_streams"), ref, plan)
 
 
-@pytest.mark.skipif("auto" not in STRATEGIES, reason="no 'auto' strategy registered")
 def test_the_auto_strategy_reproduces_the_plain_forward(model, graphs, mixed):
     """Whatever plan the search picks, it computes the plain forward's output."""
+    from overlap.search import search
+
     inputs, ref = mixed
-    plan = build_plan("auto", graphs["one"], split(MIXED, 2))
+    plan = search(graphs["one"], MIXED, "910b2", progress=False).plan
     assert_same(execute(model, plan, inputs, CONTEXTS, "threads"), ref, plan)
 
 

@@ -20,7 +20,7 @@ from overlap.report import (
     steady_window,
     write_trace,
 )
-from overlap.report.scenario import Scenario, best, compare, strategy_names
+from overlap.search.scenario import Scenario, best, compare, strategy_names
 
 US = 1e-6
 

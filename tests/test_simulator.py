@@ -15,7 +15,7 @@ from overlap.cost import get_hardware
 from overlap.errors import ConfigError, PlanError
 from overlap.ops_graph import Collective, Comm, Formula, Graph, ModelGraph, Op, OpCost, OpKind
 from overlap.ops_graph.templates import ParallelConfig, build_model
-from overlap.plan import STRATEGIES, Batch, Plan, Step, Stream, Wait, build_plan, split
+from overlap.plan import NAMED, Batch, Plan, Step, Stream, Wait, build_plan, split
 from overlap.report import metrics
 from tests.strategies import graphs
 
@@ -220,7 +220,7 @@ def test_a_wait_cycle_is_reported_as_deadlock():
 
 
 @settings(max_examples=25, deadline=None)
-@given(graph=graphs(max_ops=8), strategy=st.sampled_from(sorted(STRATEGIES)),
+@given(graph=graphs(max_ops=8), strategy=st.sampled_from(sorted(NAMED)),
        hw=st.sampled_from([HW, ASCEND]), share=st.sampled_from([None, 0.0, 0.4]))
 def test_random_plans_respect_dependencies_and_the_bound(graph, strategy, hw, share):
     """Every step starts after the steps it reads from end, and no plan beats its lower bound."""

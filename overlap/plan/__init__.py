@@ -12,10 +12,11 @@ from overlap.plan.split import (
     split_agreed,
     whole,
 )
-from overlap.plan.strategies import STRATEGIES, build_plan, get_strategy
+from overlap.plan.strategies import NAMED, STRATEGIES, Strategy, build_plan, get_strategy
 from overlap.plan.validate import check_rank_symmetry, collective_order, validate
 
 __all__ = [
+    "NAMED",
     "STRATEGIES",
     "Batch",
     "MicroBatch",
@@ -24,6 +25,7 @@ __all__ = [
     "Request",
     "Split",
     "Step",
+    "Strategy",
     "Stream",
     "Wait",
     "agree",

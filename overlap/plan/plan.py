@@ -229,13 +229,13 @@ class Plan:
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
         """Inverse of :meth:`to_dict`. The result is not validated; call ``validate``."""
         from overlap.plan.batch import Batch
-        from overlap.plan.split import Split, _micro
+        from overlap.plan.split import Split, micro_batch
 
         if data.get("schema") != SCHEMA:
             raise PlanError(f"not a plan: 'schema' must be {SCHEMA!r} (got {data.get('schema')!r})")
         try:
             batch = Batch.of(tuple(r) for r in data["batch"])
-            micro = tuple(_micro(batch, i, a, b) for i, (a, b) in enumerate(data["micro"]))
+            micro = tuple(micro_batch(batch, i, a, b) for i, (a, b) in enumerate(data["micro"]))
             return cls(
                 strategy=data["strategy"],
                 model=ModelGraph.from_dict(data["model"]),

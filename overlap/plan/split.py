@@ -83,7 +83,7 @@ def _default_cost(shape: Shape) -> float:
 
 def whole(batch: Batch, reason: str = "") -> Split:
     """The unsplit batch as a single microbatch."""
-    return Split(batch, (_micro(batch, 0, 0, batch.tokens),), reason)
+    return Split(batch, (micro_batch(batch, 0, 0, batch.tokens),), reason)
 
 
 def split(batch: Batch, n: int, *, balance: str = "tokens",
@@ -114,7 +114,8 @@ def split(batch: Batch, n: int, *, balance: str = "tokens",
     if batch.tokens < n * min_tokens:
         return whole(batch, f"not split: {batch.tokens} tokens < {n} x min_tokens {min_tokens}")
     cuts = _cuts(batch, n, measure, split_requests)
-    micro = tuple(_micro(batch, i, a, b) for i, (a, b) in enumerate(zip([0, *cuts], [*cuts, batch.tokens])))
+    bounds = zip([0, *cuts], [*cuts, batch.tokens])
+    micro = tuple(micro_batch(batch, i, a, b) for i, (a, b) in enumerate(bounds))
     smallest = min(m.tokens for m in micro)
     if smallest < min_tokens:
         return whole(batch, f"not split: a microbatch would have {smallest} tokens "
@@ -203,7 +204,8 @@ def _cost_at(pos: int, starts: list[int], prefix: list[float], batch: Batch,
     return prefix[-1]
 
 
-def _micro(batch: Batch, index: int, start: int, end: int) -> MicroBatch:
+def micro_batch(batch: Batch, index: int, start: int, end: int) -> MicroBatch:
+    """Tokens ``start..end`` of ``batch`` (in request order) as microbatch ``index``."""
     pieces = []
     pos = 0
     for i, r in enumerate(batch.requests):

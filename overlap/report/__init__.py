@@ -2,8 +2,8 @@
 
 Every backend returns a :class:`Timeline`; everything here reads only that, so a simulated and a
 measured step are reported alike. matplotlib is imported only when a picture is drawn.
-``overlap.report.scenario`` (strategies compared on a deployment) is imported on its own: it
-runs the simulator, which itself builds on this package.
+Strategies compared on a deployment live in ``overlap.search.scenario``: that runs the
+simulator, which itself builds on this package.
 """
 
 from overlap.backends.timeline import Span, Timeline

@@ -1,10 +1,10 @@
-"""Caching ``auto``'s decisions per batch-shape bucket, owned by a per-deployment ``Planner``.
+"""The plan cache: ``auto``'s decisions per batch-shape bucket, owned by a per-deployment ``Planner``.
 
 A search costs a few hundred simulations; a serving step cannot pay that every time. But the
 best schedule depends on the batch only through its rough shape, so decisions are cached per
 *bucket*: token count, request count and context length rounded up to powers of two, per phase.
-What is cached is the :class:`~overlap.plan.strategies.auto.Choice` (microbatch count, cuts,
-order, streams), which :func:`~overlap.plan.strategies.auto.realise` turns into a plan for any
+What is cached is the :class:`~overlap.search.space.Choice` (microbatch count, cuts,
+order, streams), which :func:`~overlap.search.space.realise` turns into a plan for any
 batch of the bucket; the plan of the batch that was searched is kept too, so asking again for
 that batch returns the identical object.
 
@@ -19,22 +19,15 @@ from typing import Any
 
 import attrs
 
-from overlap.cost.hardware import Hardware, get_hardware
+from overlap.cost.hardware import Hardware
 from overlap.errors import ConfigError
 from overlap.ops_graph.graph import ModelGraph
 from overlap.ops_graph.templates import ParallelConfig
 from overlap.plan.batch import Batch
 from overlap.plan.plan import Plan
-from overlap.plan.strategies.auto import (
-    DEFAULT_HARDWARE,
-    MICRO_COUNTS,
-    Choice,
-    GraphFactory,
-    SearchResult,
-    realise,
-    search,
-    templates_graphs,
-)
+from overlap.search.choice import SearchResult, require_hardware, search
+from overlap.search.evaluator import templates_graphs
+from overlap.search.space import MICRO_COUNTS, Choice, GraphFactory, realise
 
 PHASES = ("prefill", "decode")
 
@@ -121,13 +114,13 @@ class Planner:
 
     model:    a preset name or config path (``overlap.ops_graph.templates``).
     parallel: the ``ParallelConfig``; default: none.
-    hardware: preset name or :class:`Hardware` the search scores on.
+    hardware: preset name or (calibrated) :class:`Hardware` the search scores on; required.
     attention: the grain plans run at when the search keeps the model's own.
     """
 
     model: str
     parallel: ParallelConfig | None = None
-    hardware: str | Hardware = DEFAULT_HARDWARE
+    hardware: str | Hardware | None = None
     dtype: str = "bf16"
     attention: str = "one"
     micro_counts: tuple[int, ...] = MICRO_COUNTS
@@ -137,7 +130,7 @@ class Planner:
     _identity: str = attrs.field(default="", repr=False)
 
     def __attrs_post_init__(self) -> None:
-        self.hardware = get_hardware(self.hardware)
+        self.hardware = require_hardware(self.hardware)
         # One string (its hash is cached) keeps lookups cheap; it still tells planners apart
         # when several share a cache.
         self._identity = f"{self.model}|{self.hardware!r}|{self.parallel!r}|{self.dtype}"

@@ -24,9 +24,7 @@ from overlap.ops_graph.shape import Shape
 from overlap.plan import STRATEGIES, Batch, Plan, Split, build_plan, split
 from overlap.report.metrics import Metrics, metrics
 from overlap.report.timeline import Timeline
-
-PREFERRED_GRAIN = {"deepseek_decode": "two_stage", "ascend_multistream_mla": "fine"}
-"""The attention grain a strategy is built for; others use ``one``."""
+from overlap.search.choice import search
 
 BASELINE = "sequential"
 
@@ -45,7 +43,7 @@ class Scenario:
     requests:  prefill: prompts the tokens are spread over (default 4: DeepSeek's profiled
                4k-token prompts); decode: requests in the batch.
     context:   tokens already cached per request (default 0 prefill, 4096 decode).
-    attention: the attention grain for every strategy; None: :data:`PREFERRED_GRAIN`.
+    attention: the attention grain for every strategy; None: each strategy's own (``Strategy.grain``).
     comm_mode: ``normal`` or ``low_latency``; None: low latency for decode.
     """
 
@@ -93,7 +91,7 @@ class Scenario:
         return self.comm_mode or ("low_latency" if self.phase == "decode" else "normal")
 
     def grain(self, strategy: str) -> str:
-        return self.attention or PREFERRED_GRAIN.get(strategy, "one")
+        return self.attention or STRATEGIES[strategy].grain
 
     def model_graph(self, grain: str = "one") -> ModelGraph:
         from overlap.ops_graph.templates import build_model
@@ -181,9 +179,7 @@ class _Builder:
     def plan(self, strategy: str) -> Plan:
         s = self.scenario
         model = self.graph(s.grain(strategy))
-        if strategy == "auto":  # searched on the scenario's hardware and over attention grains
-            from overlap.plan.strategies.auto import search
-
+        if STRATEGIES[strategy].build is None:  # auto: searched on the scenario's hardware and grains
             return search(model, self.batch, s.hardware, graphs=self.graph, attention=s.grain(strategy),
                           comm_mode=s.mode, progress=False).plan
         return build_plan(strategy, model, self.split(model))
