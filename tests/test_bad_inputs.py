@@ -10,7 +10,7 @@ import pytest
 
 from overlap.cli import main
 from overlap.errors import ConfigError, suggest
-from overlap.report.scenario import strategy_names
+from overlap.search.scenario import strategy_names
 
 
 def test_suggest_names_the_close_valid_name():
@@ -47,7 +47,7 @@ def test_strategy_typo_suggests_the_name(capsys):
 
 
 def _timeline():
-    from overlap.report.scenario import Scenario, run
+    from overlap.search.scenario import Scenario, run
 
     return run(Scenario(tokens=256, num_layers=2), "sequential")
 

@@ -11,14 +11,15 @@ from hypothesis import strategies as st
 
 from overlap.errors import ConfigError
 from overlap.ops_graph.templates import ParallelConfig, build_model
-from overlap.plan import STRATEGIES, Batch, build_plan, split, validate
-from overlap.plan.diagrams import lanes, render, render_all
+from overlap.plan import NAMED, STRATEGIES, Batch, Strategy, build_plan, split, validate
+from overlap.plan.diagrams import lanes, render, render_all, strategy_table
 from overlap.plan.strategies.engine import build
+from overlap.plan.strategies.sequential import sequential
 from tests.strategies import batches, models
 from tests.test_plan import TWO
 
-NAMED = [n for n in STRATEGIES if n != "auto"]
 DOC = Path(__file__).resolve().parent.parent / "docs" / "plan.md"
+STRATEGIES_DOC = DOC.with_name("strategies.md")
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -142,3 +143,34 @@ def test_docs_show_the_diagrams_the_code_draws():
     text = DOC.read_text()
     begin, end = "<!-- diagrams:begin -->\n", "<!-- diagrams:end -->"
     assert text[text.index(begin) + len(begin):text.index(end)] == render_all()
+
+
+def test_docs_strategy_table_is_generated_from_the_records():
+    """docs/strategies.md embeds exactly ``python -m overlap.plan.diagrams --table``."""
+    text = STRATEGIES_DOC.read_text()
+    start = text.index("<!-- strategy-table -->\n") + len("<!-- strategy-table -->\n")
+    assert text[start:text.index("<!-- /strategy-table -->")] == strategy_table()
+
+
+def test_every_record_but_auto_builds_its_own_microbatch_count():
+    """A record's preferred count is what its plan uses on a batch that splits."""
+    model = build_model("deepseek-v3", ParallelConfig(ep=16), num_layers=4)
+    for name in NAMED:
+        record = STRATEGIES[name]
+        plan = build_plan(name, model, split(Batch.prefill(4096, 2), record.microbatches))
+        assert plan.n_micro == record.microbatches, name
+    assert STRATEGIES["auto"].build is None and "auto" not in NAMED
+
+
+def test_record_with_no_microbatch_count_is_refused():
+    """A strategy must accept at least one count, each >= 1."""
+    with pytest.raises(ConfigError, match=r"'microbatch_counts' must be non-empty counts >= 1 "
+                                          r"\(got \(0,\)\)"):
+        Strategy("x", sequential, (0,), "one", "", "")
+
+
+def test_unknown_strategy_suggests_the_close_name():
+    """A typo names the close strategy and lists the valid ones."""
+    with pytest.raises(ConfigError, match=r"^unknown strategy 'vlm_dbo' \(did you mean "
+                                          r"'vllm_dbo'\?\); valid: sequential, "):
+        build_plan("vlm_dbo", build_model("deepseek-v3", num_layers=4), split(Batch.prefill(8), 1))

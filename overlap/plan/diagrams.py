@@ -1,7 +1,8 @@
 """Each built-in strategy's steady-state order as a small lane diagram, generated from the code.
 
-docs/plan.md embeds the output of ``python -m overlap.plan.diagrams`` and a test checks that it
-still matches, so the documented orders cannot drift from what the strategies build.
+docs/plan.md embeds the output of ``python -m overlap.plan.diagrams`` and docs/strategies.md that
+of ``python -m overlap.plan.diagrams --table`` (the strategy records); tests check that both still
+match, so the documented orders and records cannot drift from the code.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from overlap.ops_graph.templates import ParallelConfig, layer_graph
 from overlap.plan.batch import Batch
 from overlap.plan.plan import Plan
 from overlap.plan.split import split
-from overlap.plan.strategies import build_plan
+from overlap.plan.strategies import STRATEGIES, build_plan
 
 # strategy -> (title, parallel config, phase, attention grain); auto is searched, not drawn.
 CASES = {
@@ -61,5 +62,17 @@ def render_all() -> str:
     return "\n".join(parts)
 
 
+def strategy_table() -> str:
+    """The strategy records as the markdown table docs/strategies.md embeds."""
+    rows = ["| strategy | microbatches | attention grain | what it does | source |",
+            "|---|---|---|---|---|"]
+    for s in STRATEGIES.values():
+        counts = ", ".join(map(str, s.microbatch_counts))
+        rows.append(f"| `{s.name}` | {counts} | `{s.grain}` | {s.summary} | {s.source} |")
+    return "\n".join(rows) + "\n"
+
+
 if __name__ == "__main__":
-    print(render_all(), end="")
+    import sys
+
+    print(strategy_table() if sys.argv[1:] == ["--table"] else render_all(), end="")

@@ -42,7 +42,7 @@ class Strategy:
 
     name:             the name users pass (``--strategy``, the vLLM config).
     build:            ``(model, split) -> Plan`` (unvalidated); None for ``auto`` (a search).
-    microbatch_counts: the split sizes it accepts; a split of 1 (a refused split) is always run
+    microbatch_counts: the split sizes it overlaps; a split of 1 (a refused split) is always run
                       whole. The first count above 1, else 1, is the one to split a batch into.
     grain:            the attention grain (``ops_graph.templates``) it was written for.
     summary:          one line: what it does.
@@ -72,7 +72,7 @@ class Strategy:
         return self.microbatches > 1
 
 
-_ANY = (1, 2, 3, 4)
+_ANY = (2, 3, 4)
 _RECORDS = (
     Strategy("sequential", sequential, (1,), "one",
              "the plain forward on one stream: the baseline", "every inference engine"),
@@ -94,7 +94,7 @@ _RECORDS = (
     Strategy("ascend_multistream_mla", ascend_multistream_mla, (1,), "fine",
              "no microbatching; MLA vector ops on a second compute stream",
              "vllm-ascend multistream MLA (decode)"),
-    Strategy("auto", None, _ANY, "one",
+    Strategy("auto", None, (1, 2, 3, 4), "one",
              "search of the schedule space scored by the simulator on given hardware",
              "this project (overlap.search)"),
 )
