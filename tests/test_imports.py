@@ -18,15 +18,14 @@ ROOT = Path(overlap.__file__).resolve().parent
 BASE = {"errors", "_optional", "_atomic"}
 ALLOWED = {
     "errors": set(),
-    "ops_graph": {"errors", "_optional"},
-    "cost": {"errors", "ops_graph"},
-    "plan": {"errors", "ops_graph"},
-    "report": {"errors", "_optional", "ops_graph", "cost", "plan"},
-    "backends": {"errors", "_optional", "ops_graph", "cost", "plan", "report"},
-    "reference": {"errors", "_optional", "ops_graph", "plan", "backends"},
-    "search": {"errors", "_optional", "ops_graph", "cost", "plan", "backends", "report"},
-    "integrations": {"errors", "_optional", "ops_graph", "cost", "plan", "backends", "report",
-                     "search", "reference"},
+    "ops_graph": set(),
+    "cost": {"ops_graph"},
+    "plan": {"ops_graph"},
+    "backends": {"ops_graph", "cost", "plan"},
+    "report": {"ops_graph", "cost", "plan", "backends"},
+    "reference": {"ops_graph", "plan", "backends"},
+    "search": {"ops_graph", "cost", "plan", "backends", "report"},
+    "integrations": {"ops_graph", "cost", "plan", "backends", "report", "search", "reference"},
 }
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 
 from overlap.backends.simulated import simulate
+from overlap.backends.timeline import Timeline
 from overlap.cost import Hardware, get_hardware, op_time
 from overlap.errors import ConfigError, OverlapError, suggest
 from overlap.ops_graph.graph import ModelGraph
@@ -23,7 +24,6 @@ from overlap.ops_graph.op import OpKind
 from overlap.ops_graph.shape import Shape
 from overlap.plan import STRATEGIES, Batch, Plan, Split, build_plan, split
 from overlap.report.metrics import Metrics, metrics
-from overlap.report.timeline import Timeline
 from overlap.search.choice import search
 
 BASELINE = "sequential"
