@@ -8,11 +8,13 @@ mismatched collective order hangs a cluster, so it must be caught on CPU, not on
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
 
 from overlap.errors import PlanError
 from overlap.ops_graph.op import OpKind
 from overlap.plan.plan import Plan, Step
+from overlap.plan.symmetry import check_rank_symmetry, collective_order
+
+__all__ = ["check_rank_symmetry", "collective_order", "step_label", "validate"]
 
 
 def validate(plan: Plan) -> Plan:
@@ -160,43 +162,6 @@ def _check_order(plan: Plan, deps: list[tuple[int, ...]]) -> None:
                 f"{_name(plan, on)}, which it waits for: the event would be waited on before it "
                 "is recorded"
             )
-
-
-def collective_order(plan: Plan) -> dict[str, list[tuple[int, int, str]]]:
-    """Per process group, the (layer, microbatch, op) of each collective in issue order."""
-    out: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
-    tables = _op_tables(plan)
-    for layer, micro, op, _ in plan.steps:
-        group = tables[layer][op][1]
-        if group is not None:
-            out[group].append((layer, micro, op))
-    return dict(out)
-
-
-def check_rank_symmetry(plans: Sequence[Plan]) -> None:
-    """Raise unless every rank's plan issues the same collectives in the same order per group.
-
-    Ranks hold different tokens, so their splits differ; the collective order must not.
-    """
-    if not plans:
-        return
-    reference = collective_order(plans[0])
-    for rank, plan in enumerate(plans[1:], start=1):
-        if plan.n_micro != plans[0].n_micro:
-            raise PlanError(f"rank 0 uses {plans[0].n_micro} microbatches but rank {rank} uses "
-                            f"{plan.n_micro}: agree the count across ranks first (plan.split.agree)")
-        order = collective_order(plan)
-        for group in sorted(set(reference) | set(order)):
-            a, b = reference.get(group, []), order.get(group, [])
-            for pos, (x, y) in enumerate(zip(a, b)):
-                if x != y:
-                    raise PlanError(
-                        f"process group {group!r}: collective #{pos} is {_key(x)} on rank 0 but "
-                        f"{_key(y)} on rank {rank}; the ranks would hang"
-                    )
-            if len(a) != len(b):
-                raise PlanError(f"process group {group!r}: rank 0 issues {len(a)} collectives, "
-                                f"rank {rank} issues {len(b)}")
 
 
 def _key(k: tuple[int, int, str]) -> str:
