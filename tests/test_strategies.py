@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from overlap.errors import ConfigError
+from overlap.ops_graph import ModelGraph
 from overlap.ops_graph.templates import ParallelConfig, build_model
 from overlap.plan import NAMED, STRATEGIES, Batch, Strategy, build_plan, split, validate
 from overlap.plan.diagrams import lanes, render, render_all, strategy_table
@@ -174,3 +175,102 @@ def test_unknown_strategy_suggests_the_close_name():
     with pytest.raises(ConfigError, match=r"^unknown strategy 'vlm_dbo' \(did you mean "
                                           r"'vllm_dbo'\?\); valid: sequential, "):
         build_plan("vlm_dbo", build_model("deepseek-v3", num_layers=4), split(Batch.prefill(8), 1))
+
+
+def _decode_ep(tokens: int = 32):
+    model = build_model("deepseek-v3", ParallelConfig(ep=32), phase="decode", num_layers=5)
+    return model, split(Batch.decode(tokens, 4096), 2, split_requests=True)
+
+
+@pytest.mark.parametrize(("name", "chunked_dispatch"), [("single_batch", False),
+                                                       ("chunked_experts", True)])
+def test_one_batch_strategies_chunk_the_moe_chain(name, chunked_dispatch):
+    """The batch runs whole; experts and combine (and dispatch for rounds) become 4 chunks each."""
+    model, s = _decode_ep()
+    plan = build_plan(name, model, s)
+    moe = plan.model.layers[-1]
+    assert plan.n_micro == 1 and plan.options == {"chunks": 4}
+    assert [op.name for op in moe.of_role("experts")] == [f"experts_c{k}" for k in range(4)]
+    assert [op.name for op in moe.of_role("combine")] == [f"combine_c{k}" for k in range(4)]
+    dispatch = [op.name for op in moe.of_role("dispatch")]
+    assert dispatch == ([f"dispatch_c{k}" for k in range(4)] if chunked_dispatch else ["dispatch"])
+    assert moe.deps["combine_c1"] == ("experts_c1",)  # a chunk combines once its experts finish
+
+
+def test_chunks_hold_a_share_of_the_work_and_no_extra_weight_reads():
+    """Summed over chunks, flops, memory bytes (weights included) and payload equal the op's."""
+    from overlap.ops_graph.shape import Shape
+
+    model, s = _decode_ep()
+    whole_layer = model.layers[-1]
+    moe = build_plan("chunked_experts", model, s).model.layers[-1]
+    shape = Shape.of_requests([(1, 4096)] * 32)
+    for role in ("dispatch", "experts", "combine"):
+        (op,) = whole_layer.of_role(role)
+        fig = op.cost(shape)
+        parts = [c.cost(shape) for c in moe.of_role(role)]
+        for field in ("flops", "hbm_bytes", "comm_bytes"):
+            assert sum(getattr(p, field) for p in parts) == pytest.approx(getattr(fig, field)), role
+
+
+def test_two_microbatches_read_the_expert_weights_twice_in_small_decode():
+    """Memory-bound decode: a second microbatch re-reads the routed weights; one batch does not."""
+    from overlap.ops_graph.shape import Shape
+
+    model, s = _decode_ep(8)
+    (experts,) = model.layers[-1].of_role("experts")
+    one = experts.cost(Shape.of_requests([(1, 4096)] * 8)).hbm_bytes
+    two = sum(experts.cost(m.shape).hbm_bytes for m in s.micro)
+    assert two > 1.5 * one
+
+
+def test_chunked_combine_overlaps_the_next_chunks_experts():
+    """In the simulated timeline combine_c0 runs while experts_c1 computes."""
+    from overlap.backends.simulated import simulate
+
+    model, s = _decode_ep(128)
+    plan = build_plan("single_batch", model, s)
+    spans = {(st.layer, st.op): span for st, span in zip(plan.steps, simulate(plan, "h800").spans)}
+    layer = plan.n_layers - 1
+    combine, experts = spans[layer, "combine_c0"], spans[layer, "experts_c1"]
+    assert combine.start < experts.end and experts.start < combine.end
+
+
+def test_one_batch_strategies_beat_two_microbatches_in_small_decode():
+    """At 32 tokens per device two-microbatch plans lose to sequential; chunked ones win."""
+    from overlap.backends.simulated import simulate
+
+    model, s = _decode_ep(32)
+
+    def step(name: str) -> float:
+        return simulate(build_plan(name, model, s), "h800", comm_mode="low_latency").makespan
+
+    seq = step("sequential")
+    assert step("deepseek_prefill") > seq and step("vllm_dbo") > seq
+    assert step("single_batch") < seq and step("chunked_experts") < seq
+
+
+def test_graph_with_callables_runs_unchunked_and_says_why():
+    """Expert ops with callables cannot be cut by experts: same order, one chunk, the reason."""
+    model, s = _decode_ep()
+    bound = ModelGraph(model.name, [g.bind({op.name: (lambda *a: a) for op in g})
+                                    for g in model.layers])
+    plan = build_plan("chunked_experts", bound, s)
+    assert plan.options["chunks"] == 1
+    assert plan.options["fallback"].startswith("ops combine, dispatch, experts carry callables")
+    assert "experts" in plan.model.layers[-1]
+
+
+def test_tensor_parallel_layers_are_left_unchunked():
+    """Without an all-to-all chain there is nothing to chunk; the plan says so."""
+    model = build_model("deepseek-v3", ParallelConfig(tp=4), num_layers=5)
+    plan = build_plan("single_batch", model, split(Batch.prefill(512, 2), 2))
+    assert plan.options == {"chunks": 1, "fallback": "no dispatch -> experts -> combine chain "
+                                                     "to chunk"}
+
+
+def test_off_is_the_plain_order_marked_off():
+    """``off`` issues what sequential issues, and tells a runtime to skip the executor."""
+    model, s = _decode_ep()
+    off, seq = build_plan("off", model, s), build_plan("sequential", model, s)
+    assert off.steps == seq.steps and off.options == {"off": True}

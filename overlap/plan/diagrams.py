@@ -25,6 +25,9 @@ CASES = {
     "deepseek_prefill": ("EP all-to-all", ParallelConfig(ep=16), "prefill", "one"),
     "deepseek_decode": ("two-stage attention", ParallelConfig(ep=16), "decode", "two_stage"),
     "ascend_multistream_mla": ("fine-grained MLA, decode", ParallelConfig(ep=16), "decode", "fine"),
+    "single_batch": ("one microbatch, combine in 4 chunks", ParallelConfig(ep=16), "decode", "one"),
+    "chunked_experts": ("one microbatch, 4 expert rounds", ParallelConfig(ep=16), "decode", "one"),
+    "off": ("overlap off: the model's own forward", ParallelConfig(ep=16), "decode", "one"),
 }
 
 

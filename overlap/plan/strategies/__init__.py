@@ -24,10 +24,11 @@ from overlap.ops_graph.graph import ModelGraph
 from overlap.plan.plan import Plan
 from overlap.plan.split import Split
 from overlap.plan.strategies.ascend_dbo import ascend_dbo
+from overlap.plan.strategies.chunked import chunked_experts, single_batch
 from overlap.plan.strategies.deepseek import deepseek_decode, deepseek_prefill
 from overlap.plan.strategies.engine import with_vector_stream
 from overlap.plan.strategies.multistream_mla import ascend_multistream_mla
-from overlap.plan.strategies.sequential import sequential
+from overlap.plan.strategies.sequential import off, sequential
 from overlap.plan.strategies.sglang_tbo import sglang_tbo
 from overlap.plan.strategies.vllm_dbo import vllm_dbo
 from overlap.plan.validate import validate
@@ -94,6 +95,17 @@ _RECORDS = (
     Strategy("ascend_multistream_mla", ascend_multistream_mla, (1,), "fine",
              "no microbatching; MLA vector ops on a second compute stream",
              "vllm-ascend multistream MLA (decode)"),
+    Strategy("single_batch", single_batch, (1,), "one",
+             "one microbatch: shared experts under the dispatch, the routed output combined in "
+             "4 chunks as the experts finish",
+             "SGLang single-batch overlap, srt/batch_overlap/single_batch_overlap.py"),
+    Strategy("chunked_experts", chunked_experts, (1,), "one",
+             "one microbatch: dispatch, experts and combine in 4 rounds of a quarter of the "
+             "local experts",
+             "Tutel pipelined all-to-all (MLSys 2023); SGLang per-expert overlap"),
+    Strategy("off", off, (1,), "one",
+             "overlap off: the model's own forward (the plain order, run without the executor)",
+             "any engine with overlap disabled"),
     Strategy("auto", None, (1, 2, 3, 4), "one",
              "search of the schedule space scored by the simulator on given hardware",
              "this project (overlap.search)"),
