@@ -86,6 +86,12 @@ def whole(batch: Batch, reason: str = "") -> Split:
     return Split(batch, (micro_batch(batch, 0, 0, batch.tokens),), reason)
 
 
+def unsplit(part: Split) -> Split:
+    """``part``'s batch as one microbatch: ``part`` itself when it already is one (building the
+    microbatch of a large batch is not free), else :func:`whole`."""
+    return part if part.n == 1 and not part.reason else whole(part.batch)
+
+
 def split(batch: Batch, n: int, *, balance: str = "tokens",
           cost: Callable[[Shape], float] | None = None, split_requests: bool = False,
           min_tokens: int = 1, max_imbalance: float = 1.0) -> Split:

@@ -96,7 +96,8 @@ class Evaluator:
 
     def split(self, choice: Choice) -> Split:
         """``split_of(choice)``, made once per distinct cut (splitting a big batch is slow)."""
-        key = ("named",) if choice.named else (choice.n, choice.shares, choice.balance)
+        key = (choice.n, choice.shares, choice.balance) if not choice.named or choice.n == 1 \
+            else ("named",)
         if key not in self._splits:
             self._splits[key] = split_of(choice, self.batch, self._cost)
         return self._splits[key]

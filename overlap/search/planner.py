@@ -26,8 +26,9 @@ from overlap.ops_graph.templates import ParallelConfig
 from overlap.plan.batch import Batch
 from overlap.plan.plan import Plan
 from overlap.search.choice import SearchResult, require_hardware, search
+from overlap.search.decision import Agree, Decision, agreed, canonical, quick_search
 from overlap.search.evaluator import templates_graphs
-from overlap.search.space import MICRO_COUNTS, Choice, GraphFactory, realise
+from overlap.search.space import MICRO_COUNTS, Choice, GraphFactory, present_stages, realise
 
 PHASES = ("prefill", "decode")
 
@@ -127,6 +128,7 @@ class Planner:
     num_layers: int | None = None
     cache: PlanCache = attrs.field(factory=PlanCache)
     _graphs: dict = attrs.field(factory=dict, repr=False)
+    _decisions: dict = attrs.field(factory=dict, repr=False)  # bucket tuple -> Decision
     _identity: str = attrs.field(default="", repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -176,6 +178,80 @@ class Planner:
         choice = result.choice
         shape_phase = phase or ShapeKey.of_batch(batch).phase
         return realise(choice, self.graphs(shape_phase)(choice.attention or self.attention), batch)
+
+    # -- the per-step decision ----------------------------------------------------------------
+
+    def decide(self, batch: Batch | None, phase: str | None = None, *,
+               agree: Agree | None = None) -> Decision:
+        """The plan this step runs (``Decision.off``: the model's own forward), agreed across
+        data-parallel ranks when ``agree`` is given (see ``overlap.search.decision``).
+
+        batch: this rank's batch; None for a rank with nothing to run (it still takes part in
+               the agreement, as decode with no tokens).
+        """
+        if batch is None:
+            return self.decide_shape(phase or "decode", 0, 0, 0, agree=agree)
+        reqs = batch.requests
+        if phase is None:
+            phase = "decode" if all(r.is_decode for r in reqs) else "prefill"
+        tokens = sum(r.query_len for r in reqs)
+        return self.decide_shape(phase, tokens, len(reqs),
+                                 sum(r.context_len for r in reqs) // len(reqs), agree=agree)
+
+    def decide_shape(self, phase: str, tokens: int, requests: int, context: int, *,
+                     agree: Agree | None = None) -> Decision:
+        """:meth:`decide` from a step's figures (mean context per request): the hot path."""
+        if phase not in PHASES:
+            raise ConfigError(f"'phase' must be one of {', '.join(PHASES)} (got {phase!r})")
+        phase, tb, rb, cb, fewest = agreed(phase, bucket(tokens), bucket(requests),
+                                           bucket(context), tokens, agree)
+        key = (phase, tb, rb, cb)
+        decision = self._decisions.get(key)
+        if decision is None:
+            decision = self._decide_cold(key)
+        if decision.n_micro > fewest:  # some rank cannot cut its batch that finely: all run off
+            return self._off(key, f"a rank has {fewest} token(s), fewer than "
+                                  f"{decision.n_micro} microbatches")
+        return decision
+
+    def warm(self, batches: list[Batch], phase: str | None = None) -> None:
+        """Fully search the buckets of ``batches`` now (e.g. at engine start), so that steps
+        meeting them get the full search's choice rather than the cold path's quick one."""
+        for batch in batches:
+            shape = ShapeKey.of_batch(batch, phase)
+            key = (shape.phase, shape.tokens, shape.requests, shape.context)
+            self._decide_cold(key, full=True)
+
+    def plan_for(self, decision: Decision, batch: Batch) -> Plan:
+        """``decision``'s choice built for exactly ``batch`` (a full-depth build: milliseconds)."""
+        if decision.plan.split.batch == batch:
+            return decision.plan
+        choice = decision.choice
+        return realise(choice, self.graphs(decision.key[0])(choice.attention or self.attention),
+                       batch)
+
+    def _decide_cold(self, key: tuple, *, full: bool = False) -> Decision:
+        phase = key[0]
+        batch = canonical(*key)
+        if full:
+            result = self.search(batch, phase)
+        else:
+            model = self.model_graph(phase)
+            result = quick_search(model, batch, self.hardware, _comm_mode(phase),
+                                  present_stages(model))
+        decision = Decision(key, result.choice, result.plan, result.step_s, quick=not full)
+        self._decisions[key] = decision
+        return decision
+
+    def _off(self, key: tuple, reason: str) -> Decision:
+        off_key = ("off", *key)
+        decision = self._decisions.get(off_key)
+        if decision is None:
+            choice = Choice(1, "off", named="off")
+            plan = realise(choice, self.model_graph(key[0]), canonical(*key))
+            decision = Decision(key, choice, plan, float("nan"), quick=True, reason=reason)
+            self._decisions[off_key] = decision
+        return decision if decision.reason == reason else attrs.evolve(decision, reason=reason)
 
     def model_graph(self, phase: str) -> ModelGraph:
         """The model at the planner's own attention grain for ``phase``."""

@@ -23,10 +23,12 @@ from overlap.plan.plan import Plan
 from overlap.plan.split import Split, micro_batch, split, whole
 from overlap.plan.stages import STAGES, stages
 from overlap.plan.strategies import NAMED, STRATEGIES, build_plan
+from overlap.plan.strategies.chunked import chunked, uncuttable
 from overlap.plan.strategies.engine import Entry, build, with_vector_stream
 from overlap.plan.validate import validate
 
 MICRO_COUNTS = (1, 2, 3, 4)
+CHUNK_COUNTS = (2, 4, 8)  # chunks of experts tried for one-microbatch plans
 SKEWS = (-0.1, -0.05, 0.05, 0.1)  # first-microbatch share offsets tried around the balanced cut
 GraphFactory = Callable[[str], ModelGraph]
 
@@ -54,6 +56,8 @@ class Choice:
     order:     the name of the stage pattern; ``pattern`` its entries.
     vector:    MLA vector ops on a second compute stream.
     named:     the named strategy this is, if any (then ``pattern`` is unused).
+    chunks:    one microbatch only: the MoE chain cut into this many chunks of experts
+               (``plan.strategies.chunked``); ``chunk_dispatch`` cuts the dispatch too (rounds).
     """
 
     n: int
@@ -64,6 +68,8 @@ class Choice:
     attention: str = ""
     vector: bool = False
     named: str = ""
+    chunks: int = 1
+    chunk_dispatch: bool = False
 
     def describe(self) -> str:
         """A one-line summary, e.g. ``n=2 deferred2/shared_after_combine cut=0.45 attn=two_stage``."""
@@ -76,6 +82,8 @@ class Choice:
             parts.append(f"attn={self.attention}")
         if self.vector:
             parts.append("vector-stream")
+        if self.chunks > 1:
+            parts.append(f"{'rounds' if self.chunk_dispatch else 'combine-chunks'}={self.chunks}")
         return " ".join(parts)
 
 
@@ -236,9 +244,9 @@ def split_at(batch: Batch, shares: Sequence[float]) -> Split:
 
 def split_of(choice: Choice, batch: Batch, cost: Callable | None = None) -> Split:
     """The microbatches ``choice`` cuts ``batch`` into (``cost`` for cost-balanced cuts)."""
-    if choice.named:
+    if choice.named and STRATEGIES[choice.named].microbatches > 1:
         return split(batch, 2, split_requests=True)
-    if choice.n == 1:
+    if choice.n == 1 or choice.named:  # one-microbatch strategies use only the whole batch
         return whole(batch)
     if choice.shares:
         return split_at(batch, choice.shares)
@@ -256,7 +264,13 @@ def realise(choice: Choice, model: ModelGraph, batch: Batch, *, cost: Callable |
     if part.n != choice.n:
         raise OverlapError(f"cannot cut {batch.tokens} tokens into {choice.n} microbatches")
     vec = choice.vector and any(op.role == Role.MLA_VECTOR for g in model.distinct() for op in g)
-    plan = build("auto", model, part, choice.pattern, options={"choice": choice.describe()})
+    options = {"choice": choice.describe()}
+    if choice.chunks > 1:
+        if why := uncuttable(model):
+            raise OverlapError(f"cannot chunk the MoE: {why}")
+        model, _ = chunked(model, choice.chunks, dispatch=choice.chunk_dispatch)  # dense: as is
+        options["chunks"] = choice.chunks
+    plan = build("auto", model, part, choice.pattern, options=options)
     if vec:
         plan = with_vector_stream(plan)
     return validate(plan) if check else plan
@@ -267,7 +281,14 @@ def realise(choice: Choice, model: ModelGraph, batch: Batch, *, cost: Callable |
 
 
 def orders_as_choices(n: int, present: Sequence[str]) -> list[Choice]:
-    return [Choice(n, name, pattern) for name, pattern in orders(n, present)]
+    """Every generated order for ``n`` microbatches; for one, also the chunked MoE forms
+    (shared experts under the dispatch, the chain in 2, 4 or 8 chunks, dispatch cut or not)."""
+    out = [Choice(n, name, pattern) for name, pattern in orders(n, present)]
+    if n == 1 and {"dispatch", "experts", "combine"} <= set(present):
+        pattern = tuple((0, 0, s) for s in _SEQUENCES["shared_after_dispatch"])
+        out += [Choice(1, "in_order/shared_after_dispatch", pattern, chunks=r, chunk_dispatch=d)
+                for r in CHUNK_COUNTS for d in (False, True)]
+    return out
 
 
 def present_stages(model: ModelGraph) -> list[str]:
@@ -293,7 +314,8 @@ def distinct(choices: list[Choice], present: Sequence[str], model: ModelGraph) -
 def named_choices(grains: bool) -> list[Choice]:
     """Every named strategy as a candidate; with a graph factory, each on the grain it was
     written for (DeepSeek's decode pipeline on two-stage attention, multistream MLA on fine)."""
-    out = [Choice(STRATEGIES[n].microbatches, n, named=n) for n in NAMED]
+    # ``off`` first: it ties with ``sequential`` (the same order) and is the explicit choice.
+    out = [Choice(STRATEGIES[n].microbatches, n, named=n) for n in sorted(NAMED, key="off".__ne__)]
     if grains:
         out += [attrs.evolve(c, attention=STRATEGIES[c.named].grain) for c in out
                 if STRATEGIES[c.named].grain != "one"]

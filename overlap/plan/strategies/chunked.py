@@ -40,7 +40,7 @@ from overlap.ops_graph.cost import FREE, Formula, OpCost
 from overlap.ops_graph.graph import Graph, ModelGraph
 from overlap.ops_graph.op import Op, OpKind, Role
 from overlap.plan.plan import DEFAULT_STREAMS, Plan
-from overlap.plan.split import Split, whole
+from overlap.plan.split import Split, unsplit
 from overlap.plan.strategies.engine import build
 
 CHUNKS = 4  # the named strategies' chunk count; auto searches others
@@ -102,17 +102,25 @@ def chunk_moe(graph: Graph, chunks: int, *, dispatch: bool) -> Graph:
     return attrs.evolve(graph, ops=[*kept[:first], *ops, join, *kept[first:]])
 
 
+def uncuttable(model: ModelGraph) -> str:
+    """Why ``model``'s MoE chains cannot be cut into chunks of experts ("" when they can)."""
+    callable_ops = {op.name for g in model.distinct() if (ch := moe_chain(g))
+                    for op in ch if op.fn is not None}
+    if callable_ops:
+        return (f"ops {', '.join(sorted(callable_ops))} carry callables, which cannot be cut "
+                "into chunks of experts: run unchunked")
+    return ""
+
+
 def chunked(model: ModelGraph, chunks: int, *, dispatch: bool) -> tuple[ModelGraph, str]:
     """``model`` with every EP layer chunked, and why not ("" when it was)."""
     if chunks < 1:
         from overlap.errors import ConfigError
 
         raise ConfigError(f"'chunks' must be >= 1 (got {chunks})")
-    callable_ops = [op.name for g in model.distinct() if (ch := moe_chain(g))
-                    for op in ch if op.fn is not None]
-    if callable_ops:
-        return model, (f"ops {', '.join(sorted(set(callable_ops)))} carry callables, which "
-                       "cannot be cut into chunks of experts: run unchunked")
+    why = uncuttable(model)
+    if why:
+        return model, why
     if not any(moe_chain(g) for g in model.distinct()):
         return model, "no dispatch -> experts -> combine chain to chunk"
     done = {id(g): chunk_moe(g, chunks, dispatch=dispatch) for g in model.distinct()}
@@ -125,7 +133,7 @@ def one_batch_plan(name: str, model: ModelGraph, split: Split, chunks: int, *,
     graph, why = chunked(model, chunks, dispatch=dispatch)
     options = {"chunks": 1, "fallback": why} if why and chunks > 1 else {"chunks": chunks}
     pattern = [(0, 0, s) for s in SHARED_UNDER_DISPATCH]
-    return build(name, graph, whole(split.batch), pattern, streams=DEFAULT_STREAMS,
+    return build(name, graph, unsplit(split), pattern, streams=DEFAULT_STREAMS,
                  options=options)
 
 

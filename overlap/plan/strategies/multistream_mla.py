@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from overlap.ops_graph.graph import ModelGraph
 from overlap.plan.plan import DEFAULT_STREAMS, Plan
-from overlap.plan.split import Split, whole
+from overlap.plan.split import Split, unsplit
 from overlap.plan.strategies.engine import build, in_order, with_vector_stream
 
 
 def ascend_multistream_mla(model: ModelGraph, split: Split) -> Plan:
     """The unsplit batch in order, MLA vector ops on their own stream."""
-    return with_vector_stream(build("ascend_multistream_mla", model, whole(split.batch),
+    return with_vector_stream(build("ascend_multistream_mla", model, unsplit(split),
                                     in_order(1), streams=DEFAULT_STREAMS))

@@ -1,0 +1,105 @@
+"""Time of ``Planner.decide`` per step: cold (a new bucket) and cached, for full DeepSeek-V3.
+
+Targets (issue 12): <= 20 us when the bucket is cached, <= 50 ms cold. Per device (h800 EP32,
+910b2 EP16), every bucket of decode at 1..1024 requests (4k context) and prefill at 1k..64k
+tokens is decided cold once on a fresh Planner (its graphs already built, which an engine does
+at start), then each is decided ``--repeats`` x 1000 times cached: through
+``decide_shape(phase, tokens, requests, context)`` (the serving hot path: the engine knows its
+step's figures) and through ``decide(batch)``, which also reads the figures off a Batch
+(linear in its requests). A two-rank data-parallel agreement (``agree``: an in-process max)
+is timed too; with a real collective add its latency.
+
+    python benchmarks/decide.py [--repeats 5] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from functools import partial
+
+from _common import run_main
+
+from overlap._atomic import write_json
+from overlap.ops_graph.templates import ParallelConfig
+from overlap.plan import Batch
+from overlap.search import Planner
+
+DEVICES = {"h800": ParallelConfig(ep=32), "910b2": ParallelConfig(ep=16)}
+DECODE = (1, 8, 32, 128, 512, 1024)
+PREFILL = (1024, 4096, 16384, 65536)
+CONTEXT = 4096
+
+
+def cases() -> list[tuple[str, int, int, int]]:
+    """(phase, tokens, requests, context) of every timed step."""
+    out = [("decode", n, n, CONTEXT) for n in DECODE]
+    return out + [("prefill", t, max(1, t // 4096), 0) for t in PREFILL]
+
+
+def batch_of(phase: str, tokens: int, requests: int, context: int) -> Batch:
+    return Batch.decode(requests, context) if phase == "decode" else Batch.prefill(tokens, requests)
+
+
+def _per_call(fn, n: int) -> float:
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t) / n
+
+
+def measure(repeats: int) -> list[dict]:
+    """One row per (device, case)."""
+    rows = []
+    for hw, par in DEVICES.items():
+        planner = Planner("deepseek-v3", par, hw)
+        for phase in ("decode", "prefill"):
+            planner.model_graph(phase)  # the engine builds its graphs once, at start
+        for phase, tokens, requests, context in cases():
+            t = time.perf_counter()
+            decision = planner.decide_shape(phase, tokens, requests, context)
+            cold = time.perf_counter() - t
+            batch = batch_of(phase, tokens, requests, context)
+            other = [0, 1, 1, 1, -1]  # a second rank with one decode token
+
+            def agree(mine, other=other):
+                return [max(a, b) for a, b in zip(mine, other)]
+
+            figures = (phase, tokens, requests, context)
+            calls = {"shape": partial(planner.decide_shape, *figures),
+                     "batch": partial(planner.decide, batch),
+                     "agreed": partial(planner.decide_shape, *figures, agree=agree)}
+            times = {k: statistics.median(_per_call(f, 1000) for _ in range(repeats))
+                     for k, f in calls.items()}
+            rows.append({"hardware": hw, "phase": phase, "tokens": tokens, "requests": requests,
+                         "choice": decision.choice.describe(), "off": decision.off,
+                         "cold_ms": cold * 1e3, "cached_shape_us": times["shape"] * 1e6,
+                         "cached_batch_us": times["batch"] * 1e6,
+                         "cached_agreed_us": times["agreed"] * 1e6})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+    rows = measure(args.repeats)
+    print(f"{'hw':6} {'phase':8} {'tokens':>6} {'cold ms':>8} {'shape us':>9} {'batch us':>9} "
+          f"{'agreed us':>10}  choice")
+    for r in rows:
+        print(f"{r['hardware']:6} {r['phase']:8} {r['tokens']:6d} {r['cold_ms']:8.1f} "
+              f"{r['cached_shape_us']:9.2f} {r['cached_batch_us']:9.2f} "
+              f"{r['cached_agreed_us']:10.2f}  {r['choice']}")
+    cold = [r["cold_ms"] for r in rows]
+    hot = [r["cached_shape_us"] for r in rows]
+    print(f"cold: median {statistics.median(cold):.1f} ms, max {max(cold):.1f} ms (target <= 50); "
+          f"cached decide_shape: median {statistics.median(hot):.2f} us, max {max(hot):.2f} us "
+          "(target <= 20)")
+    if args.json:
+        write_json(args.json, {"repeats": args.repeats, "rows": rows}, indent=1)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))

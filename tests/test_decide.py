@@ -1,0 +1,137 @@
+"""``Planner.decide``: one plan per step, cached per bucket, ``off`` when overlap loses, and the
+same decision on every data-parallel rank."""
+
+from __future__ import annotations
+
+import pytest
+
+from overlap.backends.simulated import simulate
+from overlap.errors import ConfigError
+from overlap.ops_graph.templates import ParallelConfig
+from overlap.plan import Batch, build_plan, split, validate
+from overlap.search import Planner
+from overlap.search.decision import canonical
+from tests.timeouts import deadline
+
+
+@pytest.fixture(autouse=True)
+def _timeout():
+    """Fail a test that runs past 120 s instead of hanging the suite."""
+    with deadline(120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def planner() -> Planner:
+    return Planner("deepseek-v3", ParallelConfig(ep=32), "h800", num_layers=8)
+
+
+def _ranks(planner: Planner, batches: list[Batch | None]):
+    """Each rank's decision, agreed by an in-process elementwise max over all ranks' figures."""
+    vectors = []
+    for b in batches:  # what each rank contributes: the same figures decide() computes
+        if b is None:
+            vectors.append([0, 0, 0, 0, 0])
+            continue
+        phase = "decode" if all(r.is_decode for r in b.requests) else "prefill"
+        from overlap.search import bucket
+
+        ctx = sum(r.context_len for r in b.requests) // len(b.requests)
+        vectors.append([int(phase == "prefill"), bucket(b.tokens), bucket(len(b.requests)),
+                        bucket(ctx), -b.tokens])
+
+    def agree(mine):
+        assert list(mine) in vectors  # each rank sends what it should
+        return [max(v[i] for v in vectors) for i in range(5)]
+
+    return [planner.decide(b, agree=agree) for b in batches]
+
+
+def test_a_bucket_is_decided_once(planner):
+    """Two batches of one bucket get the very same decision object."""
+    first = planner.decide(Batch.decode(30, 4000))
+    assert planner.decide(Batch.decode(32, 4096)) is first
+    assert first.key == ("decode", 32, 32, 4096)
+
+
+def test_small_decode_turns_two_microbatch_overlap_off(planner):
+    """At 32 tokens per device (h800, EP32) every two-microbatch plan loses to sequential; the
+    decision is a one-microbatch plan at least as fast as sequential and faster than them."""
+    decision = planner.decide(Batch.decode(32, 4096))
+    assert decision.n_micro == 1
+    batch = canonical(*decision.key)
+    model = planner.model_graph("decode")
+    two = split(batch, 2, split_requests=True)
+
+    def step(plan):
+        return simulate(plan, "h800", comm_mode="low_latency").makespan
+
+    seq = step(build_plan("sequential", model, two))
+    ours = step(decision.plan)
+    assert ours <= seq
+    for name in ("ascend_dbo", "sglang_tbo", "vllm_dbo", "deepseek_prefill"):
+        assert ours < step(build_plan(name, model, two)), name
+
+
+def test_large_prefill_keeps_two_microbatches(planner):
+    """Where two microbatches hide the all-to-all (16k-token prefill), the decision uses them."""
+    decision = planner.decide(Batch.prefill(16384, 4))
+    assert decision.n_micro >= 2 and not decision.off
+
+
+def test_ranks_with_different_batches_agree(planner):
+    """Ranks in different buckets (one idle) all get the choice of the largest bucket."""
+    batches = [Batch.prefill(16384, 4), Batch.prefill(3000, 1), Batch.prefill(9000, 3)]
+    decisions = _ranks(planner, batches)
+    assert len({d.choice for d in decisions}) == 1
+    assert len({d.n_micro for d in decisions}) == 1
+    assert decisions[0].key == ("prefill", 16384, 4, 0)
+
+
+def test_a_rank_too_small_to_split_turns_every_rank_off(planner):
+    """If any rank cannot cut its batch into the agreed count, all ranks run ``off``."""
+    decisions = _ranks(planner, [Batch.prefill(16384, 4), None])
+    assert all(d.off for d in decisions)
+    assert decisions[0].reason == "a rank has 0 token(s), fewer than 2 microbatches"
+    assert decisions[0].choice == decisions[1].choice
+
+
+def test_off_decision_is_the_plain_forward(planner):
+    """An ``off`` decision's plan issues exactly what sequential does, on one stream."""
+    (decision, _) = _ranks(planner, [Batch.prefill(16384, 4), None])
+    plan = decision.plan
+    seq = build_plan("sequential", plan.model, split(plan.split.batch, 1))
+    assert plan.steps == seq.steps and len(plan.streams) == 1
+
+
+def test_plan_for_builds_the_decision_for_the_exact_batch(planner):
+    """``plan_for`` realises the bucket's choice on the step's own batch, validated."""
+    batch = Batch.prefill(12000, 3)
+    decision = planner.decide(batch)
+    plan = planner.plan_for(decision, batch)
+    assert plan.split.batch == batch and plan.n_micro == decision.n_micro
+    assert validate(plan) is plan
+
+
+def test_warm_replaces_the_quick_decision_with_the_full_search():
+    """A cold decision is quick; warming the bucket runs the full search, never slower."""
+    planner = Planner("deepseek-v3", ParallelConfig(ep=32), "h800", num_layers=8)
+    batch = Batch.decode(128, 4096)
+    quick = planner.decide(batch)
+    assert quick.quick
+    planner.warm([batch])
+    full = planner.decide(batch)
+    assert not full.quick and full.step_s <= quick.step_s * 1.001
+
+
+def test_agree_that_is_not_a_maximum_is_refused(planner):
+    """An ``agree`` returning less than this rank's own figures is a broken collective."""
+    with pytest.raises(ConfigError, match=r"^'agree' returned \[0, 1, 1, 1, -1\], which is not "
+                                          r"an elementwise maximum that includes this rank's "):
+        planner.decide(Batch.prefill(64), agree=lambda mine: [0, 1, 1, 1, -1])
+
+
+def test_unknown_phase_is_refused(planner):
+    """The phase is prefill or decode."""
+    with pytest.raises(ConfigError, match=r"^'phase' must be one of prefill, decode \(got 'x'\)"):
+        planner.decide_shape("x", 8, 8, 0)
