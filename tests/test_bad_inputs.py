@@ -6,6 +6,8 @@ table in docs/errors.md (input -> the line a user sees); a test keeps that table
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from overlap.cli import main
@@ -115,3 +117,144 @@ def test_json_equal_to_trace_output_is_refused(tmp_path, capsys):
     assert capsys.readouterr().err == (f"overlap: error: '--json' and '-o' both name "
                                        f"{str(target)!r}: give --json another path\n")
     assert not target.exists()
+
+
+# -- the API raises the documented errors ---------------------------------------------------------
+
+
+def _plan_dict():
+    from overlap.search.scenario import Scenario, plan_for
+
+    return plan_for(Scenario(tokens=256, num_layers=4), "deepseek_prefill").to_dict()
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[]", "not a plan: expected a JSON object (got list)"),
+    ("{", "plan JSON is not valid JSON: "),
+    ("[" * 100_000 + "]" * 100_000, "plan JSON is nested too deeply to read"),
+    ('{"schema": "overlap.plan/1"}', "plan JSON is missing the field 'batch'"),
+])
+def test_plan_from_json_rejects_non_plans(text, message):
+    """Plan.from_json on JSON that is not a plan raises PlanError, never a raw exception."""
+    from overlap.errors import PlanError
+    from overlap.plan import Plan
+
+    with pytest.raises(PlanError, match=re.escape(message)):
+        Plan.from_json(text)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda d: d["steps"][0].__setitem__(0, "0"),
+     "plan field 'steps' must be a list of [int, int, str, int] rows"),
+    (lambda d: d["model"]["layers"].__setitem__(2, 7),
+     "model 'deepseek-v3': layer 2 names graph 7; valid: 0..1 (an index into 'graphs')"),
+    (lambda d: d["model"]["layers"].__setitem__(0, -1),
+     "model 'deepseek-v3': layer 0 names graph -1; valid: 0..1"),
+    (lambda d: d["model"]["layers"].__setitem__(0, True),
+     "model 'deepseek-v3': layer 0 names graph True"),
+    (lambda d: d["micro"].__setitem__(0, [0, 200]),
+     "microbatch 1 covers tokens 128..256 but must start at 200"),
+    (lambda d: d["micro"].__setitem__(1, [128, 200]),
+     "the microbatches cover tokens 0..200 of a batch of 256: they must cover all of it"),
+    (lambda d: d["micro"].__setitem__(1, [128, 100]),
+     "microbatch 1 covers tokens 128..100 but must start at 128 and hold at least one token"),
+    (lambda d: d["batch"].clear(), "the batch is empty"),
+    (lambda d: d.__setitem__("micro", []), "a split needs at least one microbatch"),
+    (lambda d: d["streams"][0].__setitem__("kind", "gpu"), "a plan stream must be {name: a string"),
+])
+def test_plan_from_dict_rejects_bad_fields(edit, message):
+    """A string layer number, a layer index past the end or negative, microbatches that do not
+    partition the batch, an empty batch: each one PlanError or GraphError naming it."""
+    from overlap.errors import OverlapError
+    from overlap.plan import Plan
+
+    data = _plan_dict()
+    edit(data)
+    with pytest.raises(OverlapError, match=re.escape(message)):
+        Plan.from_dict(data)
+
+
+def test_saved_plan_round_trips():
+    """The loader's checks accept what to_dict writes."""
+    from overlap.plan import Plan, validate
+
+    data = _plan_dict()
+    assert validate(Plan.from_dict(data)).to_dict() == data
+
+
+def test_thousand_op_cycle_is_a_graph_error():
+    """A cycle through 1000 ops is reported (naming the ops), not a RecursionError."""
+    from overlap.errors import GraphError
+    from overlap.ops_graph import Graph, Op, OpKind
+
+    n = 1000
+    ops = [Op(f"op{i}", OpKind.COMPUTE, (f"v{(i - 1) % n}",), (f"v{i}",)) for i in range(n)]
+    ops.append(Op("head", OpKind.COMPUTE, ("x",), ("y",)))
+    with pytest.raises(GraphError, match=r"^graph 'ring': cycle op\d+ -> op\d+ -> "):
+        Graph("ring", ops, ["x"], ["y"])
+
+
+# -- impossible models and deployments ------------------------------------------------------------
+
+
+def _hf(**changes):
+    from overlap.ops_graph.templates import PRESETS
+
+    return {**PRESETS["deepseek-v3"], **changes}
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"first_k_dense_replace": -5}, "'first_k_dense_replace' must be >= 0 (got -5)"),
+    ({"first_k_dense_replace": 62}, "'first_k_dense_replace' (62) must be in 0..num_hidden_layers (61)"),
+    ({"hidden_size": None}, "'hidden_size' must be an integer (got None)"),
+    ({"hidden_size": -7168}, "'hidden_size' must be >= 1 (got -7168)"),
+    ({"hidden_size": True}, "'hidden_size' must be an integer (got True)"),
+    ({"hidden_size": 7168.5}, "'hidden_size' must be an integer (got 7168.5)"),
+    ({"hidden_size": "7168"}, "'hidden_size' must be an integer (got '7168')"),
+    ({"num_hidden_layers": 10**12}, "'num_layers' must be <= 1048576 (got 1000000000000)"),
+    ({"q_lora_rank": 0}, "'q_lora_rank' must be >= 1 (got 0)"),
+])
+def test_impossible_model_configs_are_rejected(changes, message):
+    """Negative, boolean, fractional, null and absurd figures: one ConfigError each."""
+    from overlap.ops_graph.templates import ModelConfig
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ModelConfig.from_hf(_hf(**changes))
+
+
+def test_a_config_that_is_a_list_is_rejected():
+    """config.json holding a list, not an object."""
+    from overlap.ops_graph.templates import ModelConfig
+
+    with pytest.raises(ConfigError, match=r"^a model config must be a JSON object \(got list\)$"):
+        ModelConfig.from_hf([1, 2])
+
+
+@pytest.mark.parametrize(("parallel", "message"), [
+    (dict(ep=512), "ep (512) must be <= n_routed_experts (256) of deepseek-v3: each EP rank holds "
+                   "at least one expert"),
+    (dict(ep=7), "n_routed_experts (256) of deepseek-v3 must split evenly over ep (7); valid ep: "
+                 "1, 2, 4, 8, 16, 32, 64, 128, 256"),
+    (dict(tp=1, moe_comm="all_gather"), "'moe_comm' all_gather gathers tokens over the tp group "
+                                        "and needs tp > 1 (got tp=1)"),
+    (dict(tp=1.5), "'tp' must be an integer (got 1.5)"),
+])
+def test_impossible_deployments_are_rejected(parallel, message):
+    """More EP ranks than experts, an uneven expert split, all-gather MoE without TP."""
+    from overlap.ops_graph.templates import ParallelConfig, build_model
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_model("deepseek-v3", ParallelConfig(**parallel))
+
+
+def test_validate_rejects_a_string_layer_number():
+    """A Step built with layer "0" by API: PlanError, not a TypeError from a comparison."""
+    import attrs
+
+    from overlap.errors import PlanError
+    from overlap.plan import Plan, validate
+
+    plan = Plan.from_dict(_plan_dict())
+    bad = attrs.evolve(plan, steps=[plan.steps[0]._replace(layer="0"), *plan.steps[1:]])
+    with pytest.raises(PlanError, match=r"a step is \(layer, microbatch, op, stream\) with integer"):
+        validate(bad)

@@ -19,6 +19,7 @@ from overlap.ops_graph.op import Comm, Op, OpKind
 from overlap.ops_graph.shape import Shape
 
 SCHEMA = "overlap.graph/1"
+MODEL_SCHEMA = "overlap.model/1"
 
 
 def _names(value: Iterable[str]) -> tuple[str, ...]:
@@ -129,24 +130,26 @@ class Graph:
 
     @staticmethod
     def _a_cycle(deps: Mapping[str, tuple[str, ...]]) -> list[str]:
+        # Iterative depth-first search: a cycle of thousands of ops must not hit the recursion
+        # limit.
         state: dict[str, int] = {}  # 1 = on the path, 2 = done
-        path: list[str] = []
-
-        def visit(name: str) -> list[str] | None:
-            state[name] = 1
-            path.append(name)
-            for dep in deps[name]:
-                if state.get(dep) == 1:
-                    return [*path[path.index(dep):], dep]
-                if dep not in state and (found := visit(dep)):
-                    return found
-            path.pop()
-            state[name] = 2
-            return None
-
-        for name in deps:
-            if name not in state and (found := visit(name)):
-                return list(reversed(found))
+        for root in deps:
+            if root in state:
+                continue
+            state[root] = 1
+            stack = [(root, iter(deps[root]))]
+            while stack:
+                name, edges = stack[-1]
+                dep = next(edges, None)
+                if dep is None:
+                    state[name] = 2
+                    stack.pop()
+                elif state.get(dep) == 1:
+                    path = [n for n, _ in stack]
+                    return list(reversed([*path[path.index(dep):], dep]))
+                elif dep not in state:
+                    state[dep] = 1
+                    stack.append((dep, iter(deps[dep])))
         raise AssertionError("no cycle found")  # pragma: no cover - only called on a cycle
 
     # -- queries -----------------------------------------------------------------------------
@@ -254,11 +257,17 @@ class Graph:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Graph:
         """Inverse of :meth:`to_dict`; malformed data raises :class:`GraphError`."""
-        if data.get("schema") != SCHEMA:
-            raise GraphError(f"not an ops graph: 'schema' must be {SCHEMA!r} (got {data.get('schema')!r})")
+        _check_schema(data, SCHEMA, "an ops graph")
         try:
-            ops = [_op_from_dict(d) for d in data["ops"]]
-            return cls(data["name"], ops, data["inputs"], data["outputs"])
+            name, ops = data["name"], data["ops"]
+            if not isinstance(name, str):
+                raise GraphError(f"graph 'name' must be a string (got {name!r})")
+            for field in ("ops", "inputs", "outputs"):
+                if not isinstance(data[field], list) or not all(
+                        isinstance(v, Mapping if field == "ops" else str) for v in data[field]):
+                    what = "objects" if field == "ops" else "strings"
+                    raise GraphError(f"graph {name!r}: {field!r} must be a list of {what}")
+            return cls(name, [_op_from_dict(d) for d in ops], data["inputs"], data["outputs"])
         except KeyError as exc:
             raise GraphError(f"graph JSON is missing the field {exc.args[0]!r}") from None
 
@@ -268,10 +277,7 @@ class Graph:
 
     @classmethod
     def from_json(cls, text: str) -> Graph:
-        try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as exc:
-            raise GraphError(f"graph JSON is not valid JSON: {exc}") from None
+        return cls.from_dict(load_json(text, "graph", GraphError))
 
 
 def _sequence(group: list[Op], reads: tuple[str, ...], writes: tuple[str, ...]) -> Callable[..., Any]:
@@ -298,20 +304,56 @@ def _op_to_dict(op: Op) -> dict[str, Any]:
     return out
 
 
+def _check_schema(data: Any, schema: str, what: str) -> None:
+    if not isinstance(data, Mapping):
+        raise GraphError(f"not {what}: expected a JSON object (got {type(data).__name__})")
+    if data.get("schema") != schema:
+        raise GraphError(f"not {what}: 'schema' must be {schema!r} (got {data.get('schema')!r})")
+
+
+def load_json(text: str | bytes, what: str, error: type[Exception]) -> Any:
+    """``json.loads`` whose failures (bad syntax, nesting too deep for the parser) raise
+    ``error`` saying which ``what`` could not be read."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{what} JSON is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise error(f"{what} JSON is nested too deeply to read") from None
+    except (TypeError, UnicodeDecodeError) as exc:
+        raise error(f"{what} JSON cannot be read: {exc}") from None
+
+
 def _op_from_dict(data: Mapping[str, Any]) -> Op:
     name = data.get("name", "?")
     try:
         kind = OpKind(data["kind"])
-    except ValueError:
+    except KeyError:
+        raise GraphError(f"op {name!r}: missing the field 'kind'") from None
+    except (ValueError, TypeError):
         valid = ", ".join(k.value for k in OpKind)
         raise GraphError(f"op {name!r}: unknown kind {data['kind']!r}; valid: {valid}") from None
     try:
-        comm = Comm(**data["comm"]) if "comm" in data else None
+        comm = _comm_from_dict(data["comm"]) if "comm" in data else None
         cost = OpCost.from_dict(data.get("cost", {}))
-        return Op(name, kind, data.get("reads", ()), data.get("writes", ()), comm=comm,
-                  cost=cost, role=data.get("role", ""))
-    except (TypeError, ValueError) as exc:
+        reads, writes, role = data.get("reads", ()), data.get("writes", ()), data.get("role", "")
+        if not all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in (reads, writes)):
+            raise GraphError(f"op {name!r}: 'reads' and 'writes' must be lists of value names")
+        if not isinstance(role, str):
+            raise GraphError(f"op {name!r}: 'role' must be a string (got {role!r})")
+        return Op(name, kind, reads, writes, comm=comm, cost=cost, role=role)
+    except GraphError:
+        raise
+    except (TypeError, ValueError, AttributeError) as exc:
         raise GraphError(f"op {name!r}: {exc}") from None
+
+
+def _comm_from_dict(data: Any) -> Comm:
+    if not isinstance(data, Mapping) or not isinstance(data.get("group"), str) or not (
+            isinstance(data.get("size", 1), int) and not isinstance(data.get("size", 1), bool)):
+        raise GraphError(f"'comm' must be an object with 'collective', a string 'group' and an "
+                         f"integer 'size' (got {data!r})")
+    return Comm(**data)
 
 
 @attrs.frozen
@@ -354,11 +396,28 @@ class ModelGraph:
     def to_dict(self) -> dict[str, Any]:
         graphs = self.distinct()
         index = {id(g): i for i, g in enumerate(graphs)}
-        return {"schema": "overlap.model/1", "name": self.name,
+        return {"schema": MODEL_SCHEMA, "name": self.name,
                 "graphs": [g.to_dict() for g in graphs],
                 "layers": [index[id(g)] for g in self.layers]}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelGraph:
-        graphs = [Graph.from_dict(g) for g in data["graphs"]]
-        return cls(data["name"], [graphs[i] for i in data["layers"]])
+        """Inverse of :meth:`to_dict`; malformed data raises :class:`GraphError`."""
+        _check_schema(data, MODEL_SCHEMA, "a model graph")
+        try:
+            name, graphs, layers = data["name"], data["graphs"], data["layers"]
+        except KeyError as exc:
+            raise GraphError(f"model graph JSON is missing the field {exc.args[0]!r}") from None
+        if not isinstance(name, str):
+            raise GraphError(f"model 'name' must be a string (got {name!r})")
+        if not isinstance(graphs, list) or not graphs:
+            raise GraphError(f"model {name!r}: 'graphs' must be a non-empty list of graphs")
+        graphs = [Graph.from_dict(g) for g in graphs]
+        if not isinstance(layers, list):
+            raise GraphError(f"model {name!r}: 'layers' must be a list of graph indices")
+        for i, index in enumerate(layers):
+            # bool is an int in Python; a negative index would silently pick from the end.
+            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(graphs):
+                raise GraphError(f"model {name!r}: layer {i} names graph {index!r}; valid: "
+                                 f"0..{len(graphs) - 1} (an index into 'graphs')")
+        return cls(name, [graphs[i] for i in layers])

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import attrs
 
 from overlap.errors import PlanError
-from overlap.ops_graph.graph import ModelGraph
+from overlap.ops_graph.graph import ModelGraph, load_json
 from overlap.ops_graph.op import OpKind
 from overlap.plan.split import Split
 
@@ -231,30 +231,79 @@ class Plan:
         from overlap.plan.batch import Batch
         from overlap.plan.split import Split, micro_batch
 
+        if not isinstance(data, Mapping):
+            raise PlanError(f"not a plan: expected a JSON object (got {type(data).__name__})")
         if data.get("schema") != SCHEMA:
             raise PlanError(f"not a plan: 'schema' must be {SCHEMA!r} (got {data.get('schema')!r})")
         try:
-            batch = Batch.of(tuple(r) for r in data["batch"])
-            micro = tuple(micro_batch(batch, i, a, b) for i, (a, b) in enumerate(data["micro"]))
+            rows = {k: _rows(data, k, kinds) for k, kinds in _ROWS.items()}
+            batch = Batch.of(rows["batch"])
+            micro = tuple(micro_batch(batch, i, a, b) for i, (a, b) in enumerate(rows["micro"]))
+            strategy, reason, options = (data["strategy"], data.get("split_reason", ""),
+                                         data.get("options", {}))
+            streams = data["streams"]
+            if not (isinstance(strategy, str) and isinstance(reason, str)
+                    and isinstance(options, Mapping) and isinstance(streams, list)
+                    and all(isinstance(s, Mapping) for s in streams)):
+                raise PlanError("plan 'strategy' and 'split_reason' must be strings, 'options' "
+                                "an object and 'streams' a list of objects")
             return cls(
-                strategy=data["strategy"],
+                strategy=strategy,
                 model=ModelGraph.from_dict(data["model"]),
-                split=Split(batch, micro, data.get("split_reason", "")),
-                streams=[Stream(**s) for s in data["streams"]],
-                steps=[Step(*s) for s in data["steps"]],
-                slots=data["slots"],
-                extra_waits=[Wait(*w) for w in data.get("extra_waits", ())],
-                options=data.get("options", {}),
+                split=Split(batch, micro, reason),
+                streams=[_stream(s) for s in streams],
+                steps=[Step(*s) for s in rows["steps"]],
+                slots=_ints(data, "slots"),
+                extra_waits=[Wait(*w) for w in rows["extra_waits"]],
+                options=options,
             )
-        except (KeyError, TypeError) as exc:
-            raise PlanError(f"malformed plan JSON: {exc!r}") from None
+        except KeyError as exc:
+            raise PlanError(f"plan JSON is missing the field {exc.args[0]!r}") from None
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
-        try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"plan JSON is not valid JSON: {exc}") from None
+        """Inverse of :meth:`to_json`. The result is not validated; call ``validate``."""
+        return cls.from_dict(load_json(text, "plan", PlanError))
+
+
+# The list-of-rows fields of a plan's JSON and the type of each column.
+_ROWS: dict[str, tuple[type, ...]] = {
+    "batch": (int, int),
+    "micro": (int, int),
+    "steps": (int, int, str, int),
+    "extra_waits": (int, int),
+}
+
+
+def _is(value: Any, kind: type) -> bool:
+    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+
+
+def _rows(data: Mapping[str, Any], field: str, kinds: tuple[type, ...]) -> list[tuple]:
+    rows = data.get(field, []) if field == "extra_waits" else data[field]
+    if not isinstance(rows, list) or not all(
+            isinstance(r, list) and len(r) == len(kinds) and all(map(_is, r, kinds)) for r in rows):
+        names = ", ".join(k.__name__ for k in kinds)
+        raise PlanError(f"plan field {field!r} must be a list of [{names}] rows")
+    return [tuple(r) for r in rows]
+
+
+def _ints(data: Mapping[str, Any], field: str) -> tuple[int, ...]:
+    values = data[field]
+    if not isinstance(values, list) or not all(_is(v, int) for v in values):
+        raise PlanError(f"plan field {field!r} must be a list of integers")
+    return tuple(values)
+
+
+def _stream(data: Mapping[str, Any]) -> Stream:
+    name, kind, share = data.get("name"), data.get("kind"), data.get("share")
+    share_ok = share is None or (isinstance(share, float | int) and not isinstance(share, bool)
+                                 and 0 < share <= 1)
+    if set(data) - {"name", "kind", "share"} or not isinstance(name, str) or (
+            kind not in STREAM_KINDS) or not share_ok:
+        raise PlanError(f"a plan stream must be {{name: a string, kind: one of "
+                        f"{', '.join(STREAM_KINDS)}, share: null or in (0, 1]}} (got {dict(data)!r})")
+    return Stream(name, kind, share)
 
 
 def slots_from(groups: Iterable[Iterable[Step]]) -> tuple[tuple[Step, ...], tuple[int, ...]]:

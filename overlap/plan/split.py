@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import attrs
 
-from overlap.errors import ConfigError
+from overlap.errors import ConfigError, PlanError
 from overlap.ops_graph.graph import Graph, ModelGraph
 from overlap.ops_graph.shape import Shape
 from overlap.plan.batch import Batch
@@ -60,8 +60,33 @@ class Split:
     """The microbatches of a batch, and why the split is what it is."""
 
     batch: Batch
-    micro: tuple[MicroBatch, ...]
+    micro: tuple[MicroBatch, ...] = attrs.field(converter=tuple)
     reason: str = ""
+
+    def __attrs_post_init__(self) -> None:
+        # A plan's microbatches must partition its batch: a gap, an overlap or an empty
+        # microbatch would simulate (and run) the wrong tokens.
+        total = self.batch.tokens
+        if not self.batch.requests:
+            raise PlanError("the batch is empty: a step needs at least one request")
+        if not self.micro:
+            raise PlanError(f"a split needs at least one microbatch (batch of {total} tokens)")
+        end = 0
+        for i, m in enumerate(self.micro):
+            if m.index != i:
+                raise PlanError(f"microbatch {i} has index {m.index}: indices must be 0..{self.n - 1}")
+            if m.token_start != end or m.token_end <= m.token_start:
+                raise PlanError(
+                    f"microbatch {i} covers tokens {m.token_start}..{m.token_end} but must start "
+                    f"at {end} and hold at least one token: microbatches must cover the batch's "
+                    f"{total} tokens in order, without gaps or overlaps")
+            if sum(p.length for p in m.pieces) != m.tokens:
+                raise PlanError(f"microbatch {i}: its pieces hold "
+                                f"{sum(p.length for p in m.pieces)} tokens, its range {m.tokens}")
+            end = m.token_end
+        if end != total:
+            raise PlanError(f"the microbatches cover tokens 0..{end} of a batch of {total}: "
+                            "they must cover all of it")
 
     @property
     def n(self) -> int:

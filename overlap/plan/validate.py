@@ -55,7 +55,8 @@ def _check_coverage(plan: Plan, tables: list[dict[str, tuple[OpKind, str | None]
     n_layers, n_streams = len(layers), len(streams)
     for step in plan.steps:
         layer, micro, op, stream = step
-        if not (0 <= layer < n_layers and 0 <= micro < n_micro and 0 <= stream < n_streams
+        if not (type(layer) is type(micro) is type(stream) is int  # a bool is an int: excluded
+                and 0 <= layer < n_layers and 0 <= micro < n_micro and 0 <= stream < n_streams
                 and op in tables[layer] and accepts[stream][tables[layer][op][0]]):
             _bad_step(plan, step)
     keys = {s[:3] for s in plan.steps}
@@ -84,6 +85,9 @@ def _bad_step(plan: Plan, step: Step) -> None:
     layers, n_micro, streams = plan.model.layers, plan.n_micro, plan.streams
     layer, micro, op, stream = step
     where = f"plan {plan.strategy!r}: step {op}({micro})@{layer}"
+    if not all(type(v) is int for v in (layer, micro, stream)) or not isinstance(op, str):
+        raise PlanError(f"{where}: a step is (layer, microbatch, op, stream) with integer layer, "
+                        f"microbatch and stream and a string op (got {tuple(step)!r})")
     if not 0 <= layer < len(layers):
         raise PlanError(f"{where}: layer {layer} out of range 0..{len(layers) - 1}")
     if not 0 <= micro < n_micro:

@@ -46,6 +46,7 @@ def layer_graph(model: str | Mapping[str, Any] | ModelConfig, parallel: Parallel
     _check(phase, attention)
     m = load_model(model)
     par = parallel or ParallelConfig()
+    par.check(m)
     return _FAMILY[m.family].layer(m, par, routed=routed, phase=phase, attention=attention,
                                    dtype=dtype)
 
@@ -57,8 +58,8 @@ def build_model(model: str | Mapping[str, Any] | ModelConfig, parallel: Parallel
     m = load_model(model)
     par = parallel or ParallelConfig()
     count = m.num_layers if num_layers is None else num_layers
-    if count < 1:
-        raise ConfigError(f"'num_layers' must be >= 1 (got {count})")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ConfigError(f"'num_layers' must be an integer >= 1 (got {count!r})")
     kw: dict[str, Any] = dict(phase=phase, attention=attention, dtype=dtype)
     moe = layer_graph(m, par, routed=True, **kw)
     dense_count = min(m.first_k_dense_replace, count)

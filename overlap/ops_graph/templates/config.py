@@ -28,9 +28,30 @@ _MODEL_TYPES = {
 }
 
 
-def _positive(instance: object, attribute: attrs.Attribute, value: int | None) -> None:
-    if value is not None and value < 1:
-        raise ConfigError(f"{attribute.name!r} must be >= 1 (got {value})")
+MAX_DIM = 1 << 20
+"""The largest size or count accepted for any model or parallel figure: far above any real
+model, far below what would make the cost formulas overflow or the planner run for hours."""
+
+
+def _count(low: int, *, optional: bool = False):
+    """A validator: an integer (not a bool, not a float) in ``low..MAX_DIM``."""
+
+    def check(instance: object, attribute: attrs.Attribute, value: object) -> None:
+        if optional and value is None:
+            return
+        if not isinstance(value, int) or isinstance(value, bool):
+            what = "an integer" + (" or null" if optional else "")
+            raise ConfigError(f"{attribute.name!r} must be {what} (got {value!r})")
+        if value < low:
+            raise ConfigError(f"{attribute.name!r} must be >= {low} (got {value})")
+        if value > MAX_DIM:
+            raise ConfigError(f"{attribute.name!r} must be <= {MAX_DIM} (got {value})")
+
+    return check
+
+
+_positive = _count(1)
+_non_negative = _count(0)
 
 
 @attrs.frozen
@@ -46,20 +67,23 @@ class ModelConfig:
     moe_intermediate_size: int = attrs.field(validator=_positive)
     n_routed_experts: int = attrs.field(validator=_positive)
     num_experts_per_tok: int = attrs.field(validator=_positive)
-    n_shared_experts: int = 0
-    first_k_dense_replace: int = 0
-    vocab_size: int = 0
+    n_shared_experts: int = attrs.field(default=0, validator=_non_negative)
+    first_k_dense_replace: int = attrs.field(default=0, validator=_non_negative)
+    vocab_size: int = attrs.field(default=0, validator=_non_negative)
     # MLA (DeepSeek)
-    q_lora_rank: int | None = attrs.field(default=None, validator=_positive)
-    kv_lora_rank: int = 0
-    qk_nope_head_dim: int = 0
-    qk_rope_head_dim: int = 0
-    v_head_dim: int = 0
+    q_lora_rank: int | None = attrs.field(default=None, validator=_count(1, optional=True))
+    kv_lora_rank: int = attrs.field(default=0, validator=_non_negative)
+    qk_nope_head_dim: int = attrs.field(default=0, validator=_non_negative)
+    qk_rope_head_dim: int = attrs.field(default=0, validator=_non_negative)
+    v_head_dim: int = attrs.field(default=0, validator=_non_negative)
     # GQA (Qwen)
-    num_kv_heads: int = 0
-    head_dim: int = 0
+    num_kv_heads: int = attrs.field(default=0, validator=_non_negative)
+    head_dim: int = attrs.field(default=0, validator=_non_negative)
 
     def __attrs_post_init__(self) -> None:
+        if self.first_k_dense_replace > self.num_layers:
+            raise ConfigError(f"'first_k_dense_replace' ({self.first_k_dense_replace}) must be in "
+                              f"0..num_hidden_layers ({self.num_layers})")
         if self.num_experts_per_tok > self.n_routed_experts:
             raise ConfigError(
                 f"'num_experts_per_tok' ({self.num_experts_per_tok}) must be <= "
@@ -73,6 +97,8 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, config: Mapping[str, Any], name: str | None = None) -> ModelConfig:
         """Read a HF ``config.json`` dict of a supported MoE model."""
+        if not isinstance(config, Mapping):
+            raise ConfigError(f"a model config must be a JSON object (got {type(config).__name__})")
         model_type = config.get("model_type")
         family = _MODEL_TYPES.get(str(model_type))
         if family is None:
@@ -109,12 +135,21 @@ class ModelConfig:
                 n_routed_experts=config["num_experts"],
                 n_shared_experts=1 if get("shared_expert_intermediate_size") else 0,
                 num_kv_heads=config["num_key_value_heads"],
-                head_dim=get("head_dim") or config["hidden_size"] // config["num_attention_heads"],
+                head_dim=get("head_dim") or _derived_head_dim(config),
             )
         except KeyError as exc:
             raise ConfigError(f"config of {model_type!r} lacks the field {exc.args[0]!r}") from None
         except TypeError as exc:
             raise ConfigError(f"config of {model_type!r}: {exc}") from None
+
+
+def _derived_head_dim(config: Mapping[str, Any]) -> int:
+    """hidden_size / num_attention_heads, HF's default head_dim (checked figures only)."""
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    for name, value in (("hidden_size", hidden), ("num_attention_heads", heads)):
+        _positive(None, attrs.fields(ModelConfig).hidden_size if name == "hidden_size"
+                  else attrs.fields(ModelConfig).num_heads, value)
+    return hidden // heads
 
 
 def _hf(model_type: str, **fields: Any) -> dict[str, Any]:
@@ -171,8 +206,10 @@ def load_model(spec: str | Mapping[str, Any] | ModelConfig) -> ModelConfig:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"model config {str(path)!r} does not exist") from None
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
             raise ConfigError(f"cannot read model config {str(path)!r}: {exc}") from None
+        except RecursionError:
+            raise ConfigError(f"cannot read model config {str(path)!r}: JSON nested too deeply") from None
         return ModelConfig.from_hf(data, name=path.parent.name or path.stem)
     raise ConfigError(
         f"unknown model {spec!r}{suggest(spec, PRESETS)}; valid: {', '.join(PRESETS)}, "
@@ -196,9 +233,9 @@ class ParallelConfig:
           and reduce-scattered after, vllm-ascend's all-gather MoE).
     """
 
-    tp: int = attrs.field(default=1, validator=_positive)
-    ep: int = attrs.field(default=1, validator=_positive)
-    dp: int = attrs.field(default=1, validator=_positive)
+    tp: int = attrs.field(default=1, validator=_count(1))
+    ep: int = attrs.field(default=1, validator=_count(1))
+    dp: int = attrs.field(default=1, validator=_count(1))
     moe_comm: str = attrs.field(default="")
 
     def __attrs_post_init__(self) -> None:
@@ -212,3 +249,18 @@ class ParallelConfig:
             raise ConfigError(
                 f"'moe_comm' {self.moe_comm} is tensor-parallel MoE and needs ep=1 (got ep={self.ep})"
             )
+        if self.moe_comm == "all_gather" and self.tp == 1:
+            raise ConfigError("'moe_comm' all_gather gathers tokens over the tp group and needs "
+                              "tp > 1 (got tp=1)")
+
+    def check(self, model: ModelConfig) -> None:
+        """Raise :class:`~overlap.errors.ConfigError` unless ``model`` can be spread this way:
+        every EP rank holds the same whole number of routed experts."""
+        experts, ep = model.n_routed_experts, self.ep
+        if ep > experts:
+            raise ConfigError(f"ep ({ep}) must be <= n_routed_experts ({experts}) of "
+                              f"{model.name}: each EP rank holds at least one expert")
+        if experts % ep:
+            valid = ", ".join(str(d) for d in range(1, experts + 1) if experts % d == 0)
+            raise ConfigError(f"n_routed_experts ({experts}) of {model.name} must split evenly "
+                              f"over ep ({ep}); valid ep: {valid}")
