@@ -9,7 +9,7 @@ step's figures) and through ``decide(batch)``, which also reads the figures off 
 (linear in its requests). A two-rank data-parallel agreement (``agree``: an in-process max)
 is timed too; with a real collective add its latency.
 
-    python benchmarks/decide.py [--repeats 5] [--json PATH]
+    python benchmarks/decide.py [--repeats 5] [--quick] [--json PATH]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from functools import partial
 from _common import run_main
 
 from overlap._atomic import write_json
+from overlap.errors import ConfigError
 from overlap.ops_graph.templates import ParallelConfig
 from overlap.plan import Batch
 from overlap.search import Planner
@@ -32,10 +33,10 @@ PREFILL = (1024, 4096, 16384, 65536)
 CONTEXT = 4096
 
 
-def cases() -> list[tuple[str, int, int, int]]:
+def cases(quick: bool = False) -> list[tuple[str, int, int, int]]:
     """(phase, tokens, requests, context) of every timed step."""
-    out = [("decode", n, n, CONTEXT) for n in DECODE]
-    return out + [("prefill", t, max(1, t // 4096), 0) for t in PREFILL]
+    out = [("decode", n, n, CONTEXT) for n in (DECODE[2:3] if quick else DECODE)]
+    return out + [("prefill", t, max(1, t // 4096), 0) for t in (PREFILL[:1] if quick else PREFILL)]
 
 
 def batch_of(phase: str, tokens: int, requests: int, context: int) -> Batch:
@@ -49,14 +50,15 @@ def _per_call(fn, n: int) -> float:
     return (time.perf_counter() - t) / n
 
 
-def measure(repeats: int) -> list[dict]:
-    """One row per (device, case)."""
+def measure(repeats: int, quick: bool = False) -> list[dict]:
+    """One row per (device, case); ``quick``: one device, two cases, 100 calls a timing."""
     rows = []
-    for hw, par in DEVICES.items():
+    calls_per = 100 if quick else 1000
+    for hw, par in list(DEVICES.items())[:1 if quick else None]:
         planner = Planner("deepseek-v3", par, hw)
         for phase in ("decode", "prefill"):
             planner.model_graph(phase)  # the engine builds its graphs once, at start
-        for phase, tokens, requests, context in cases():
+        for phase, tokens, requests, context in cases(quick):
             t = time.perf_counter()
             decision = planner.decide_shape(phase, tokens, requests, context)
             cold = time.perf_counter() - t
@@ -70,7 +72,7 @@ def measure(repeats: int) -> list[dict]:
             calls = {"shape": partial(planner.decide_shape, *figures),
                      "batch": partial(planner.decide, batch),
                      "agreed": partial(planner.decide_shape, *figures, agree=agree)}
-            times = {k: statistics.median(_per_call(f, 1000) for _ in range(repeats))
+            times = {k: statistics.median(_per_call(f, calls_per) for _ in range(repeats))
                      for k, f in calls.items()}
             rows.append({"hardware": hw, "phase": phase, "tokens": tokens, "requests": requests,
                          "choice": decision.choice.describe(), "off": decision.off,
@@ -83,9 +85,12 @@ def measure(repeats: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="one device, two cases (smoke run)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
-    rows = measure(args.repeats)
+    if args.repeats < 1:
+        raise ConfigError(f"'--repeats' must be >= 1 (got {args.repeats})")
+    rows = measure(args.repeats, args.quick)
     print(f"{'hw':6} {'phase':8} {'tokens':>6} {'cold ms':>8} {'shape us':>9} {'batch us':>9} "
           f"{'agreed us':>10}  choice")
     for r in rows:
