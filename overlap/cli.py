@@ -236,7 +236,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     predicted: dict[str, tuple[str, float]] = {}
     for step, work in zip(plan.steps, step_work(plan, hw, scenario.mode)):
         predicted.setdefault(step.op, (work.kind, work.seconds))  # first microbatch's shape
-    cal = fit(predicted, load_measurements(args.measurements), method=args.method)
+    measured = load_measurements(args.measurements, table=args.kernel_table, layers=args.layers,
+                                 groups=_attention_groups(predicted))
+    cal = fit(predicted, measured, method=args.method)
     print(cal.report())
     _write_json(args, {"compute": cal.compute, "comm": cal.comm, "host": cal.host,
                        "method": cal.method, "error_before": cal.error_before,
@@ -245,6 +247,18 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                                  "measured_s": r.measured_s, "corrected_s": r.corrected_s}
                                 for r in cal.rows]})
     return 0
+
+
+def _attention_groups(predicted: dict[str, Any]) -> dict[str, str]:
+    """Kernel traces are mapped to MLA's fine ops; fold them into the coarse attention ops the
+    calibrated graph has (``attn``, or ``attn0`` / ``attn1``)."""
+    from overlap.ops_graph.templates.deepseek import STAGE0, STAGE1
+
+    if "attn" in predicted:
+        return dict.fromkeys((*STAGE0, *STAGE1), "attn")
+    if "attn0" in predicted:
+        return {**dict.fromkeys(STAGE0, "attn0"), **dict.fromkeys(STAGE1, "attn1")}
+    return {}
 
 
 def _cmd_graph(args: argparse.Namespace) -> int:
@@ -319,12 +333,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="PATH",
                    help=f"trace file (default: ./{DEFAULT_OUT}/STRATEGY.trace.json)")
     p = add("calibrate", _cmd_calibrate, "fit cost corrections to measured op times",
-            "Read a profiler trace (Chrome/Perfetto JSON) or a CSV op,duration_us[,kind]; fit one "
+            "Read a profiler trace (Chrome/Perfetto JSON; device kernels are mapped to ops by a "
+            "kernel table) or a CSV op,duration_us[,kind]; fit one "
             "correction per op kind against the scenario's predicted op times; print the "
             "predicted-vs-measured error table.")
     p.add_argument("measurements", help="trace JSON (.json/.json.gz) or CSV file")
     p.add_argument("--method", choices=("median", "lstsq"), default="median",
                    help="how the factor is fitted (default: %(default)s)")
+    p.add_argument("--kernel-table", metavar="FILE", default=None,
+                   help="JSON kernel-to-op rules put in front of the shipped DeepSeek/H800 table")
+    p.add_argument("--layers", type=int, default=None, metavar="N",
+                   help="layers an un-annotated kernel trace (CUDA-graph replay) covers")
     _scenario_flags(p, strategy="sequential")
     p = add("graph", _cmd_graph, "print a model's layer graphs with their cost figures",
             "Print each distinct layer graph of the model, with FLOPs and bytes per op for the "

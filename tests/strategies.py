@@ -73,3 +73,43 @@ def models(draw: st.DrawFn, max_layers: int = 3):
     graph = draw(graphs())
     layers = draw(st.integers(1, max_layers)) if len(graph.outputs) == len(graph.inputs) else 1
     return ModelGraph("random", [graph] * layers)
+
+
+# -- trace files (issue 10/11: the trace loader is fuzzed) -----------------------------------------
+
+_json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6),
+                       st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12))
+_json = st.recursive(_json_leaf, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)), max_leaves=12)
+_trace_event = st.fixed_dictionaries(
+    {"ph": st.sampled_from(["X", "B", "E", "M", "i", 7, None])},
+    optional={"cat": st.sampled_from(["kernel", "user_annotation", "cuda_runtime", "cpu_op", 3]),
+              "name": st.one_of(st.sampled_from(["void flash::compute_attn_ws<>", "attn(F)",
+                                                 "ep::internode::dispatch<x>", "gemm"]), _json),
+              "ts": st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 10**7),
+                              _json),
+              "dur": st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 10**6),
+                               _json),
+              "tid": st.one_of(st.integers(0, 3), _json), "pid": st.integers(0, 2),
+              "args": st.one_of(st.fixed_dictionaries({}, optional={"correlation": st.integers(0, 5)}),
+                                _json)})
+
+
+@st.composite
+def trace_files(draw: st.DrawFn) -> bytes:
+    """The bytes of a trace-like file: a valid trace, one with random events, random JSON, or
+    such text cut short, gzipped or not."""
+    import gzip
+    import json
+
+    events = draw(st.lists(st.one_of(_trace_event, _json), max_size=8))
+    doc = draw(st.sampled_from(["object", "list", "json"]))
+    value = {"traceEvents": events} if doc == "object" else events if doc == "list" else draw(_json)
+    data = json.dumps(value).encode()
+    if draw(st.booleans()):
+        data = data[:draw(st.integers(0, len(data)))]
+    if draw(st.booleans()):
+        data = gzip.compress(data)
+        if draw(st.booleans()):
+            data = data[:draw(st.integers(0, len(data)))]
+    return data

@@ -9,6 +9,8 @@ simulator predicts the measured times from then on. Accepted inputs:
 * Chrome / Perfetto trace JSON: ``{"traceEvents": [...]}`` or a bare event list, with complete
   events (``ph: "X"``, ``dur`` in microseconds) or ``B``/``E`` pairs per (pid, tid). The PyTorch
   profiler's ``export_chrome_trace`` writes this format (``.json`` or ``.json.gz``).
+* PyTorch-profiler traces of real kernels: device kernels mapped to ops by a kernel table
+  (:mod:`overlap.cost.traces`), one measurement per (layer, op).
 * CSV with a header ``op,duration_us[,kind]``.
 
 An op that occurs many times (layers, steps) is summarised by its median duration.
@@ -19,10 +21,10 @@ from __future__ import annotations
 import csv
 import gzip
 import io
-import json
 import math
 import os
 import statistics
+import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -33,6 +35,7 @@ from overlap.cost.hardware import Hardware
 from overlap.errors import ConfigError
 
 KINDS = ("compute", "comm", "host")
+MAX_CSV_BYTES = 256 << 20
 METHODS = ("median", "lstsq")
 
 
@@ -51,33 +54,58 @@ def measurements(timeline: Any) -> list[Measurement]:
     return [Measurement(s.op, s.end - s.start, s.kind) for s in timeline.spans]
 
 
-def load_measurements(path: str | os.PathLike[str]) -> list[Measurement]:
-    """Every op duration in the trace or CSV at ``path``, in file order."""
-    text = _read_text(path)
-    stripped = text.lstrip()
+def load_measurements(path: str | os.PathLike[str], *, table: Any = None, layers: int | None = None,
+                      groups: Mapping[str, str] | None = None) -> list[Measurement]:
+    """Every op duration in the trace or CSV at ``path``, in file order.
+
+    A profiler trace with device kernels (``cat == "kernel"``) whose names the kernel ``table``
+    (default: :data:`overlap.cost.traces.DEEPSEEK_H800`) knows is read as kernels: one
+    measurement per (layer, op), the op's kernels summed (:mod:`overlap.cost.traces`);
+    ``layers`` is how many layers an un-annotated trace covers; ``groups`` renames ops
+    (fine op -> the coarse op of the graph being calibrated) before summing. Any other trace is
+    read as complete (``X``) events or ``B``/``E`` pairs named after the ops.
+    """
     if str(path).lower().endswith((".csv", ".csv.gz")):
-        return _from_csv(text, path)
+        return _from_csv(_read_text(path), path)
+    with _opened(path) as handle:
+        head = handle.read(4096)
+    if head[:2] == b"\x1f\x8b":
+        try:
+            head = gzip.GzipFile(fileobj=io.BytesIO(head)).read1(4096)
+        except (OSError, EOFError, zlib.error):
+            head = b"{"  # let the streamed reader report what is wrong
+    stripped = head.decode("utf-8-sig", errors="replace").lstrip()
     if stripped.startswith(("{", "[")):
-        return _from_trace(text, path)
+        from overlap.cost.traces import profile_measurements
+
+        found = profile_measurements(path, table=table, layers=layers, groups=groups)
+        return found if found is not None else _from_trace(path)
     if stripped.split("\n", 1)[0].replace(" ", "").startswith("op,duration_us"):
-        return _from_csv(text, path)
+        return _from_csv(_read_text(path), path)
     raise ConfigError(
         f"unknown measurement format in '{path}': expected a Chrome/Perfetto trace (JSON) "
         "or a CSV with columns op,duration_us[,kind]"
     )
 
 
-def _read_text(path: str | os.PathLike[str]) -> str:
+def _opened(path: str | os.PathLike[str]) -> Any:
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
+        return open(path, "rb")
     except OSError as exc:
         raise ConfigError(f"cannot read measurements from '{path}': {exc.strerror}") from exc
+
+
+def _read_text(path: str | os.PathLike[str]) -> str:
+    with _opened(path) as handle:
+        data = handle.read(MAX_CSV_BYTES + 1)
     if data[:2] == b"\x1f\x8b":
         try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as exc:
+            inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            data = inflate.decompress(data, MAX_CSV_BYTES + 1)
+        except zlib.error as exc:
             raise ConfigError(f"'{path}' looks gzipped but cannot be decompressed") from exc
+    if len(data) > MAX_CSV_BYTES:
+        raise ConfigError(f"'{path}' is larger than {MAX_CSV_BYTES >> 20} MiB of CSV text")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -104,35 +132,36 @@ def _from_csv(text: str, path: Any) -> list[Measurement]:
     return found
 
 
-def _from_trace(text: str, path: Any) -> list[Measurement]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"'{path}' is not valid JSON: {exc.msg} (line {exc.lineno})") from None
-    events = data.get("traceEvents") if isinstance(data, dict) else data
-    if not isinstance(events, list):
-        raise ConfigError(
-            f"'{path}' is JSON but not a Chrome trace: expected an object with 'traceEvents' "
-            "or a list of events"
-        )
+def _from_trace(path: Any) -> list[Measurement]:
+    """Complete events and B/E pairs of a trace read as a stream (any category)."""
+    from overlap.cost.trace_json import iter_events
+    from overlap.cost.traces import _number
+
     found: list[Measurement] = []
-    open_spans: dict[tuple[Any, Any], list[dict[str, Any]]] = defaultdict(list)
-    for event in events:
+    open_spans: dict[tuple[Any, Any], list[tuple[dict[str, Any], float]]] = defaultdict(list)
+    for i, event in enumerate(iter_events(path)):
         if not isinstance(event, dict):
             continue
         phase = event.get("ph")
         if phase == "X" and "dur" in event:
-            found.append(_measurement(event, float(event["dur"])))
-        elif phase == "B":
-            open_spans[(event.get("pid"), event.get("tid"))].append(event)
-        elif phase == "E":
-            stack = open_spans.get((event.get("pid"), event.get("tid")))
-            if stack:  # an E with no open B (a truncated trace) is dropped
-                begin = stack.pop()
-                found.append(_measurement(begin, float(event["ts"]) - float(begin["ts"])))
+            found.append(_measurement(event, _number(event, "dur", i, path)))
+        elif phase in ("B", "E"):
+            key = (_hashable(event.get("pid")), _hashable(event.get("tid")))
+            ts = _number(event, "ts", i, path)
+            if phase == "B":
+                open_spans[key].append((event, ts))
+            else:
+                stack = open_spans.get(key)
+                if stack:  # an E with no open B (a truncated trace) is dropped
+                    begin, start = stack.pop()
+                    found.append(_measurement(begin, ts - start))
     if not found:
         raise ConfigError(f"no complete events (ph 'X', or 'B'/'E' pairs) in '{path}'")
     return found
+
+
+def _hashable(value: Any) -> Any:
+    return value if isinstance(value, (int, float, str, type(None))) else repr(value)
 
 
 def _measurement(event: Mapping[str, Any], duration_us: float) -> Measurement:
