@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from overlap.backends.timeline import kernel_timeline
 from overlap.cost import load_measurements, trace_json
 from overlap.cost.traces import (
     DEEPSEEK_H800,
@@ -117,7 +118,7 @@ def test_groups_fold_fine_ops_into_the_graphs_coarse_ones():
 def test_the_measured_timeline_reports_overlap(train):
     """The trace as a Timeline: metrics read it like any other; DeepSeek's DualPipe chunk pair
     hides nearly all communication under compute (the issue quotes 96%)."""
-    tl = train.timeline()
+    tl = kernel_timeline(train)
     assert tl.measured and len(tl.spans) == 963
     m = metrics(tl)
     hidden = 1 - m.exposed_comm_s / m.comm_busy_s

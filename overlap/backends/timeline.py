@@ -10,6 +10,7 @@ the same way. Times are seconds from the start of the step.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import attrs
 
@@ -69,6 +70,21 @@ class Timeline:
 
     def layers(self) -> tuple[int, ...]:
         return tuple(sorted({s.layer for s in self.spans}))
+
+
+def kernel_timeline(profile: Any, strategy: str = "measured") -> Timeline:
+    """A profiler trace's kernels (an :class:`overlap.cost.traces.KernelProfile`) as a measured
+    Timeline: one span per kernel, named by its op (``~role`` when unmodelled), its layer (-1
+    outside any), compute streams first; time 0 at the first kernel."""
+    streams = [*profile.compute_streams, *profile.comm_streams]
+    index = {s: i for i, s in enumerate(streams)}
+    t0 = profile.kernels[0].kernel.start_us if profile.kernels else 0.0
+    spans = [Span(-1 if m.layer is None else m.layer, 0, m.op or f"~{m.role}", index[m.kernel.stream],
+                  (m.kernel.start_us - t0) * 1e-6, (m.kernel.end_us - t0) * 1e-6,
+                  "compute" if m.kind == "compute" else "comm")
+             for m in profile.kernels]
+    names = [f"{'comm' if s in profile.comm_streams else 'compute'} (stream {s})" for s in streams]
+    return Timeline(strategy, names, spans, device=profile.device or "trace", measured=True)
 
 
 def union(intervals: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -18,7 +18,8 @@ and turns them into per-op measurements in three steps:
 3. **Classify streams.** A stream whose kernel time is mostly comm/notify is a comm stream.
 
 The result, :class:`KernelProfile`, gives :class:`~overlap.cost.calibrate.Measurement` rows for
-``fit`` and a measured :class:`~overlap.backends.timeline.Timeline` for reports. No torch.
+``fit``; :func:`overlap.backends.timeline.kernel_timeline` turns it into a measured Timeline for
+reports. No torch.
 """
 
 from __future__ import annotations
@@ -456,21 +457,6 @@ class KernelProfile:
                  for m in self.kernels if m.op}
         return [Measurement(op, seconds, kinds[op])
                 for (_, op), seconds in sorted(self.op_seconds(layers, groups).items())]
-
-    def timeline(self, strategy: str = "measured") -> Any:
-        """A measured :class:`~overlap.backends.timeline.Timeline`: one span per kernel (op name,
-        or ``~role`` for unmodelled kernels), compute streams first, time 0 at the first kernel."""
-        from overlap.backends.timeline import Span, Timeline
-
-        streams = [*self.compute_streams, *self.comm_streams]
-        index = {s: i for i, s in enumerate(streams)}
-        t0 = self.kernels[0].kernel.start_us if self.kernels else 0.0
-        spans = [Span(-1 if m.layer is None else m.layer, 0, m.op or f"~{m.role}",
-                      index[m.kernel.stream], (m.kernel.start_us - t0) * 1e-6,
-                      (m.kernel.end_us - t0) * 1e-6, "compute" if m.kind == "compute" else "comm")
-                 for m in self.kernels]
-        names = [f"{'comm' if s in self.comm_streams else 'compute'} (stream {s})" for s in streams]
-        return Timeline(strategy, names, spans, device=self.device or "trace", measured=True)
 
 
 def profile(trace: KernelTrace, table: KernelTable = DEEPSEEK_H800, *,
