@@ -21,7 +21,9 @@ def main() -> None:
         model=str(MODEL),
         load_format="dummy",  # random weights: the tiny model ships only its config
         skip_tokenizer_init=True,
-        enforce_eager=True,  # planned steps need eager mode; graph-captured steps run stock
+        # Required: vLLM compiles the model by default (on CPU too), which would trace the
+        # plugin away, so the plugin refuses a compiled engine at start-up.
+        enforce_eager=True,
         max_model_len=256,
         gpu_memory_utilization=0.3,
         additional_config={"overlap": {"strategy": "deepseek_prefill", "microbatches": 2,

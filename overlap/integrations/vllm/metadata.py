@@ -1,19 +1,30 @@
 """Per-microbatch attention metadata and forward contexts, made with vLLM's own machinery.
 
 vLLM builds one attention metadata object per step. The plugin's builder hook only remembers
-the inputs of that build (:class:`Pending`); when a step is split, :func:`microbatch_contexts`
-rebuilds the metadata of each microbatch with ``split_attn_metadata`` and the same builder (what
-vLLM's dual-batch overlap does on GPU), and makes one forward context per microbatch with its
-metadata and its slice of the KV-cache slot mapping.
+the inputs of that build (:class:`Pending`) and the builder that made it; when a step is split,
+:func:`build_microbatch_metadata` rebuilds the metadata of each microbatch with
+``split_attn_metadata`` and the builder's *most-derived* ``build`` (the hook sits on
+``MLACommonMetadataBuilder.build``, but the platform may pick a subclass that adds fields, such
+as CPU ``AMX_MLA``'s ``req_to_token``), and :func:`microbatch_contexts` makes one forward
+context per microbatch with its metadata and its slice of the KV-cache slot mapping.
 
-One vLLM quirk is handled here: the CPU MLA prefill backend keeps the prefill metadata on the
-backend object shared by every metadata build (``prepare_metadata``), so the right one is bound
-again before each microbatch's attention (:func:`bind_prefill`) and the whole step's afterwards.
+Builders may keep state between builds (persistent buffers, the MLA prefill backend's prepared
+metadata), so each microbatch gets its own builder, made like the original (what vLLM's
+dual-batch overlap does with one builder per ubatch): :class:`BuilderPool`. A rebuild runs
+behind a re-entry guard, so the hook does not treat it as a new step.
+
+One vLLM quirk is still handled here: the MLA prefill backend keeps the prefill metadata on the
+backend object that its builder shares across builds (``prepare_metadata``), so the right one is
+bound again before each microbatch's attention (:func:`bind_prefill`) and the whole step's
+afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
@@ -22,16 +33,40 @@ from overlap.plan.batch import Batch
 from overlap.plan.split import Split
 
 PENDING_ATTR = "_overlap_pending"
+ARGS_ATTR = "_overlap_init_args"  # set on each MLA builder at construction (plugin's __new__ hook)
+
+_guard = threading.local()
 
 
 @attrs.frozen
 class Pending:
     """The arguments of one metadata build, kept so microbatch metadata can be built later."""
 
-    build: Any  # the builder's unpatched ``build``, bound to it
+    builder: Any  # the builder instance that built the step's metadata
     common_prefix_len: int
     common: Any  # CommonAttentionMetadata
     fast_build: bool
+
+
+class SplitError(Exception):
+    """The step's metadata cannot be split; the message says why (the step runs stock)."""
+
+
+def rebuilding() -> bool:
+    """True while :func:`build_microbatch_metadata` is building (the hook stays out of it)."""
+    return getattr(_guard, "on", False)
+
+
+@contextlib.contextmanager
+def _rebuild_guard() -> Iterator[None]:
+    if rebuilding():
+        raise SplitError("microbatch metadata build re-entered (a builder builds through the "
+                         "adapter)")
+    _guard.on = True
+    try:
+        yield
+    finally:
+        _guard.on = False
 
 
 def batch_of(common: Any) -> Batch | None:
@@ -57,12 +92,61 @@ def ubatch_slices(split: Split) -> list[Any]:
     return out
 
 
-def build_microbatch_metadata(pending: Pending, split: Split) -> list[Any]:
-    """One attention metadata object per microbatch, built by the step's own builder."""
+class BuilderPool:
+    """One builder per microbatch for each step builder, made once and reused every step.
+
+    A clone is the builder's own class constructed with the arguments the original was
+    constructed with (recorded by the plugin), so it owns its buffers and prefill backend.
+    """
+
+    def __init__(self) -> None:
+        self._clones: dict[int, tuple[Any, list[Any]]] = {}
+
+    def get(self, builder: Any, n: int) -> list[Any]:
+        entry = self._clones.get(id(builder))
+        if entry is None or entry[0] is not builder or (
+                entry[1] and type(entry[1][0]) is not type(builder)):
+            entry = (builder, [])  # keeps the original alive, so its id is not reused
+            self._clones[id(builder)] = entry
+        clones = entry[1]
+        while len(clones) < n:
+            clones.append(clone_builder(builder))
+        return clones[:n]
+
+
+def clone_builder(builder: Any) -> Any:
+    """A new builder like ``builder``: its class, built with the same constructor arguments."""
+    recorded = builder.__dict__.get(ARGS_ATTR)
+    if recorded is None:
+        raise SplitError(f"{type(builder).__name__} was constructed before the plugin's hook was "
+                         "installed (its constructor arguments are unknown)")
+    args, kwargs = recorded
+    try:
+        return type(builder)(*args, **kwargs)
+    except Exception as exc:
+        raise SplitError(f"could not make a per-microbatch {type(builder).__name__}: "
+                         f"{type(exc).__name__}: {exc}") from exc
+
+
+def build_microbatch_metadata(pending: Pending, split: Split, builders: list[Any]) -> list[Any]:
+    """One attention metadata object per microbatch, built by its own builder's ``build``.
+
+    ``type(builder).build`` is the most-derived build, whatever subclass the platform chose.
+    Raises :class:`SplitError` (with the builder's error) when a build fails.
+    """
     from vllm.v1.worker.ubatch_utils import split_attn_metadata
 
-    commons = split_attn_metadata(ubatch_slices(split), pending.common)
-    return [pending.build(pending.common_prefix_len, c, pending.fast_build) for c in commons]
+    name = type(pending.builder).__name__
+    try:
+        commons = split_attn_metadata(ubatch_slices(split), pending.common)
+        with _rebuild_guard():
+            return [type(b).build(b, pending.common_prefix_len, c, pending.fast_build)
+                    for b, c in zip(builders, commons)]
+    except SplitError:
+        raise
+    except Exception as exc:
+        raise SplitError(f"{name} could not build microbatch metadata: "
+                         f"{type(exc).__name__}: {exc}") from exc
 
 
 def bind_prefill(metadata: Any) -> None:
