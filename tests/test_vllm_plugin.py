@@ -417,3 +417,39 @@ def test_tensor_parallel_all_reduces_are_planned_ops(tp2: dict) -> None:
             assert stats[f"op_attn_allreduce_mb{m}"] == steps * LAYERS
             assert stats[f"op_ffn_allreduce_mb{m}"] == steps * LAYERS
 
+
+
+# -- the builder hook, without an engine --------------------------------------------------------
+
+@pytest.mark.vllm
+def test_builder_hook_reaches_subclass_builds_that_skip_super() -> None:
+    """A platform builder whose build never calls the base build is still hooked (through the
+    ``__new__`` hook), and nested hooked builds remember the outermost builder once."""
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from vllm.model_executor.layers.attention.mla_attention import MLACommonMetadataBuilder
+
+    from overlap.integrations.vllm.metadata import ARGS_ATTR, PENDING_ATTR
+    from overlap.integrations.vllm.plugin import install
+
+    install()
+    on = SimpleNamespace(additional_config={"overlap": {}})
+
+    class NoSuper(MLACommonMetadataBuilder):
+        def build(self, common_prefix_len, common, fast_build=False):
+            return SimpleNamespace(by="NoSuper")
+
+    class Nested(NoSuper):
+        def build(self, common_prefix_len, common, fast_build=False):
+            out = super().build(common_prefix_len, common, fast_build)
+            out.extra = True
+            return out
+
+    for cls in (NoSuper, Nested):
+        builder = cls.__new__(cls, "spec", width=2)  # what ``cls(...)`` does before __init__
+        builder.vllm_config = on
+        assert builder.__dict__[ARGS_ATTR] == (("spec",), {"width": 2})
+        metadata = builder.build(0, "common")
+        pending = getattr(metadata, PENDING_ATTR)
+        assert (pending.builder, pending.common) == (builder, "common")

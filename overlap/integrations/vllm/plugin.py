@@ -13,7 +13,8 @@ configuration turns the plugin on:
 - ``MLACommonMetadataBuilder.build`` keeps its inputs and builder on the metadata it returns,
   so the adapter can build per-microbatch metadata with that builder's most-derived ``build``;
 - ``MLACommonMetadataBuilder.__new__`` records each builder's constructor arguments, so the
-  adapter can make one builder like it per microbatch.
+  adapter can make one builder like it per microbatch, and hooks the ``build`` of any subclass
+  that defines its own (only the outermost of nested hooked builds remembers).
 
 Each wrapper is marked, so registering twice changes nothing. A platform plugin that assigns
 its own ``DeepseekV2Model.forward`` afterwards (vllm-ascend does, in its worker patches) removes
@@ -26,6 +27,7 @@ import contextlib
 import functools
 import logging
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -144,13 +146,21 @@ def _planning(original: Callable[..., Any]) -> Callable[..., Any]:
     return forward
 
 
+_depth = threading.local()  # nesting of hooked builds: only the outermost remembers
+
+
 def _remembering(original: Callable[..., Any]) -> Callable[..., Any]:
     from overlap.integrations.vllm.metadata import PENDING_ATTR, Pending, rebuilding
 
     def build(self: Any, common_prefix_len: int, common_attn_metadata: Any,
               fast_build: bool = False) -> Any:
-        metadata = original(self, common_prefix_len, common_attn_metadata, fast_build)
-        if rebuilding():  # the adapter's own per-microbatch build: not a new step
+        depth = getattr(_depth, "n", 0)
+        _depth.n = depth + 1
+        try:
+            metadata = original(self, common_prefix_len, common_attn_metadata, fast_build)
+        finally:
+            _depth.n = depth
+        if depth or rebuilding():  # a subclass's super().build, or the adapter's own rebuild
             return metadata
         on = self.__dict__.get("_overlap_on")
         if on is None:
@@ -168,9 +178,16 @@ def _remembering(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _recording_new(cls: type, *args: Any, **kwargs: Any) -> Any:
-    """``MLACommonMetadataBuilder.__new__``: keep the constructor arguments, for cloning."""
+    """``MLACommonMetadataBuilder.__new__``: keep the constructor arguments, for cloning.
+
+    It also hooks the ``build`` of a subclass that defines its own (a platform builder that
+    does not call ``super().build`` would otherwise never reach the hook).
+    """
     from overlap.integrations.vllm.metadata import ARGS_ATTR
 
+    own = cls.__dict__.get("build")
+    if own is not None and not getattr(own, MARK, False):
+        _wrap(cls, "build", _remembering)
     self = object.__new__(cls)
     self.__dict__[ARGS_ATTR] = (args, kwargs)
     return self
