@@ -3,6 +3,12 @@ same decision on every data-parallel rank."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from overlap.backends.simulated import simulate
@@ -135,3 +141,53 @@ def test_unknown_phase_is_refused(planner):
     """The phase is prefill or decode."""
     with pytest.raises(ConfigError, match=r"^'phase' must be one of prefill, decode \(got 'x'\)"):
         planner.decide_shape("x", 8, 8, 0)
+
+
+def _run_ranks(tmp_path, batches: list) -> list[dict]:
+    """Run one decide_worker per batch (a real gloo group) and load what each rank decided."""
+    pytest.importorskip("torch")
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    from tests.test_distributed import free_port
+
+    root = Path(__file__).resolve().parent.parent
+    port, outs = free_port(), [tmp_path / f"rank{r}.json" for r in range(len(batches))]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    worker = Path(__file__).with_name("decide_worker.py")
+    procs = [subprocess.Popen([sys.executable, str(worker), str(r), str(len(batches)), str(port),
+                               str(outs[r]), json.dumps({"batches": batches})], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(len(batches))]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=100)[0])
+    except subprocess.TimeoutExpired:
+        pytest.fail("ranks did not finish within 100 s (a collective hang?)")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for r, p in enumerate(procs):
+        assert p.returncode == 0 and outs[r].exists(), f"rank {r} failed:\n{logs[r]}"
+    return [json.loads(o.read_text()) for o in outs]
+
+
+def test_real_ranks_agree_on_one_decision_and_collective_order(tmp_path):
+    """Three gloo ranks with different prefill batches decide alike and issue the same
+    collectives in the same order."""
+    batches = [[[4096, 0]] * 4, [[3000, 0]], [[2048, 0], [1000, 0], [500, 0]]]
+    ranks = _run_ranks(tmp_path, batches)
+    assert len({r["choice"] for r in ranks}) == 1 and len({r["n"] for r in ranks}) == 1
+    assert ranks[0]["key"] == ["prefill", 16384, 4, 0] and not ranks[0]["off"]
+    orders = [r["order"] for r in ranks]  # per group: (layer, microbatch, op) in issue order
+    assert orders[0]["ep"] and orders[1] == orders[0] and orders[2] == orders[0]
+
+
+def test_real_idle_rank_turns_every_rank_off(tmp_path):
+    """A rank with nothing to run takes part in the agreement, and every rank runs off."""
+    ranks = _run_ranks(tmp_path, [[[4096, 0]] * 4, None])
+    assert all(r["off"] for r in ranks)
+    assert ranks[0]["reason"] == "a rank has 0 token(s), fewer than 2 microbatches"
