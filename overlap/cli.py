@@ -29,9 +29,24 @@ class _Parser(argparse.ArgumentParser):
 
 def _ints(text: str) -> list[int]:
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected integers separated by commas (got {text!r})") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one integer (got {text!r})")
+    return values
+
+
+def _microbatches(text: str) -> int:
+    from overlap.plan.split import MAX_MICROBATCHES
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 1 <= value <= MAX_MICROBATCHES:
+        raise argparse.ArgumentTypeError(f"must be an integer in 1..{MAX_MICROBATCHES} (got {text!r})")
+    return value
 
 
 def _share(text: str) -> float:
@@ -78,7 +93,8 @@ def _scenario_flags(p: argparse.ArgumentParser, *, lists: bool = False, strategy
     g.add_argument("--attention", default=None, choices=GRAINS,
                    help=f"attention grain for every strategy (default: per strategy: {own}, "
                         "else one)")
-    g.add_argument("--microbatches", type=int, default=2, help="microbatch count (default: 2)")
+    g.add_argument("--microbatches", type=_microbatches, default=2,
+                   help="microbatch count (default: 2)")
     g.add_argument("--comm-mode", default=None, choices=("normal", "low_latency"),
                    help="all-to-all mode (default: low_latency for decode, else normal)")
     g.add_argument("--comm-share", type=_share, default=None,
@@ -142,9 +158,14 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from overlap.search.scenario import best, compare
 
     scenario = _scenario(args)
-    results = compare(scenario, args.strategy)
+    if args.plan:
+        plan = _load_plan(args.plan)
+        results = _saved_plan_results(scenario, plan)
+        head = f"saved plan {args.plan}: {plan.strategy} of {plan.model} on {plan.split}"
+    else:
+        results, head = compare(scenario, args.strategy), scenario.describe()
     top = best(results)
-    print(scenario.describe())
+    print(head)
     print(_table(results))
     m = top.metrics
     eff = "-" if m.efficiency is None else f"{m.efficiency:.1%}"
@@ -163,6 +184,49 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     _write_json(args, {"scenario": scenario.to_dict(), "results": _results_json(results),
                        "best": top.strategy, "files": files})
     return 0
+
+
+MAX_PLAN_BYTES = 256 << 20
+"""Saved plans larger than this are refused (a 61-layer DeepSeek plan is about 100 KB)."""
+
+
+def _load_plan(path: str):
+    """The validated plan saved at ``path`` (``overlap plan --format json`` or ``--json``)."""
+    from overlap.plan import Plan, validate
+
+    try:
+        size = Path(path).stat().st_size
+        if size > MAX_PLAN_BYTES:
+            raise OverlapError(f"plan file {path!r} is {size >> 20} MB; the limit is "
+                               f"{MAX_PLAN_BYTES >> 20} MB")
+        text = Path(path).read_bytes()
+    except OSError as exc:
+        raise OverlapError(f"cannot read plan file {path!r}: {exc.strerror or exc}") from None
+    try:
+        return validate(Plan.from_json(text))
+    except OverlapError as exc:
+        raise type(exc)(f"plan file {path!r}: {exc}") from None
+
+
+def _saved_plan_results(scenario, plan) -> list:
+    """A saved plan and the sequential plan of its model and split, simulated on the scenario's
+    hardware and collective settings."""
+    from overlap.backends.simulated import simulate
+    from overlap.plan import build_plan
+    from overlap.report.metrics import metrics
+    from overlap.search.scenario import BASELINE, Result
+
+    def run(p):
+        return simulate(p, scenario.hardware, comm_mode=scenario.mode,
+                        comm_compute_share=scenario.comm_share)
+
+    base_plan = build_plan(BASELINE, plan.model, plan.split)
+    baseline = run(base_plan)
+    results = [Result(BASELINE, base_plan, baseline, metrics(baseline, baseline))]
+    if plan.strategy != BASELINE or plan.steps != base_plan.steps:
+        timeline = run(plan)
+        results.append(Result(plan.strategy, plan, timeline, metrics(timeline, baseline)))
+    return results
 
 
 def _draw(timeline, path: Path) -> Path:
@@ -212,10 +276,12 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     from overlap.report.trace import write_trace
     from overlap.search.scenario import run
 
-    name = _one_strategy(args)
+    plan = _load_plan(args.plan) if args.plan else None
+    name = plan.strategy if plan else _one_strategy(args)
     target = args.output or Path(DEFAULT_OUT) / f"{name}.trace.json"
     _distinct_outputs(args, target, "-o")
-    timeline = run(_scenario(args), name)
+    scenario = _scenario(args)
+    timeline = _saved_plan_results(scenario, plan)[-1].timeline if plan else run(scenario, name)
     path = write_trace(timeline, target)
     m = metrics(timeline)
     print(f"{name}: step {m.step_s * 1e3:.3f} ms, exposed comm {m.exposed_comm_s * 1e3:.3f} ms; "
@@ -300,6 +366,14 @@ def _graph_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--json", metavar="PATH", help="also write the model graph as JSON to PATH")
 
 
+def _plan_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plan", metavar="FILE",
+                   help="simulate this saved plan JSON (from 'overlap plan --format json' or its "
+                        "--json) against the sequential plan of its model and split, instead of "
+                        "building plans; the model, batch and strategy flags are then unused, the "
+                        "hardware and collective flags still apply")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="overlap",
                      description="Plan, simulate and inspect microbatch overlap for MoE inference. "
@@ -318,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                    help="folder for the Gantt PNG and trace (default: ./%(default)s/)")
     p.add_argument("--no-plot", action="store_true", help="write the trace only (no matplotlib)")
+    _plan_flag(p)
     p = add("compare", _cmd_compare, "a scenario matrix x strategies, as a table",
             "Simulate strategies over every combination of the comma-listed scenario values, "
             "e.g. --tokens 4096,16384 --ep 8,16.")
@@ -332,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     _scenario_flags(p, strategy=None)
     p.add_argument("-o", "--output", metavar="PATH",
                    help=f"trace file (default: ./{DEFAULT_OUT}/STRATEGY.trace.json)")
+    _plan_flag(p)
     p = add("calibrate", _cmd_calibrate, "fit cost corrections to measured op times",
             "Read a profiler trace (Chrome/Perfetto JSON; device kernels are mapped to ops by a "
             "kernel table) or a CSV op,duration_us[,kind]; fit one "
@@ -372,3 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"overlap: error: {exc}", file=sys.stderr)
         return 2
+    except RecursionError:  # a loader missed a pathologically nested input: still one line
+        print("overlap: error: input nested too deeply to process", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C: the shell's convention, 128 + SIGINT
+        print("overlap: interrupted", file=sys.stderr)
+        return 130

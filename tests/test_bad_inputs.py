@@ -6,13 +6,18 @@ table in docs/errors.md (input -> the line a user sees); a test keeps that table
 
 from __future__ import annotations
 
+import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 
 from overlap.cli import main
 from overlap.errors import ConfigError, suggest
 from overlap.search.scenario import strategy_names
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_suggest_names_the_close_valid_name():
@@ -258,3 +263,188 @@ def test_validate_rejects_a_string_layer_number():
     bad = attrs.evolve(plan, steps=[plan.steps[0]._replace(layer="0"), *plan.steps[1:]])
     with pytest.raises(PlanError, match=r"a step is \(layer, microbatch, op, stream\) with integer"):
         validate(bad)
+
+
+# -- the CLI: one line, exit 2, for every case; the table in docs/errors.md ----------------------
+
+DEEP = "[" * 50_000 + "]" * 50_000
+
+
+def _config(**changes) -> str:
+    return json.dumps(_hf(**changes))
+
+
+def _saved_plan(edit=None) -> str:
+    data = _plan_dict()
+    if edit:
+        edit(data)
+    return json.dumps(data)
+
+
+# (what was tried, argv, files written first, a part of the message that must appear)
+CLI_CASES = [
+    ("strategy typo", ["simulate", "--strategy", "deepseek_prefil"], {},
+     "unknown strategy 'deepseek_prefil' (did you mean 'deepseek_prefill'?); valid: all,"),
+    ("hardware typo", ["simulate", "--hardware", "h10"], {}, "(did you mean 'h100'?)"),
+    ("model typo", ["graph", "--model", "deepseek-v4"], {}, "(did you mean 'deepseek-v3'?)"),
+    ("empty strategy list", ["simulate", "--strategy", ","], {}, "'--strategy' names no strategy"),
+    ("empty token list", ["compare", "--tokens", ","], {},
+     "argument --tokens: expected at least one integer (got ',')"),
+    ("too many microbatches", ["simulate", "--microbatches", "1000"], {},
+     "argument --microbatches: must be an integer in 1..8 (got '1000')"),
+    ("config.json is a list", ["graph", "--model", "config.json"], {"config.json": "[1, 2]"},
+     "a model config must be a JSON object (got list)"),
+    ("hidden_size null", ["graph", "--model", "config.json"],
+     {"config.json": _config(hidden_size=None)}, "'hidden_size' must be an integer (got None)"),
+    ("fractional dimension", ["graph", "--model", "config.json"],
+     {"config.json": _config(num_attention_heads=127.5)},
+     "'num_heads' must be an integer (got 127.5)"),
+    ("boolean dimension", ["graph", "--model", "config.json"],
+     {"config.json": _config(moe_intermediate_size=True)},
+     "'moe_intermediate_size' must be an integer (got True)"),
+    ("absurd dimension", ["graph", "--model", "config.json"],
+     {"config.json": _config(hidden_size=10**15)}, "'hidden_size' must be <= 1048576"),
+    ("negative first_k_dense_replace", ["graph", "--model", "config.json"],
+     {"config.json": _config(first_k_dense_replace=-5)},
+     "'first_k_dense_replace' must be >= 0 (got -5)"),
+    ("deeply nested config.json", ["graph", "--model", "config.json"], {"config.json": DEEP},
+     "JSON nested too deeply"),
+    ("more EP ranks than experts", ["simulate", "--ep", "512"], {},
+     "ep (512) must be <= n_routed_experts (256)"),
+    ("uneven expert split", ["simulate", "--ep", "7"], {},
+     "must split evenly over ep (7); valid ep: 1, 2, 4, 8, 16, 32, 64, 128, 256"),
+    ("all-gather MoE at tp 1", ["simulate", "--ep", "1", "--moe-comm", "all_gather"], {},
+     "'moe_comm' all_gather gathers tokens over the tp group and needs tp > 1"),
+    ("zero tokens", ["graph", "--tokens", "0"], {}, "'--tokens' must be >= 1 (got 0)"),
+    ("--json equal to -o", ["trace", "--strategy", "sequential", "-o", "t.json", "--json",
+                            "t.json"], {}, "'--json' and '-o' both name 't.json'"),
+    ("output under a file", ["trace", "--strategy", "sequential", "-o", "f/t.json"], {"f": ""},
+     "cannot write 'f/t.json': 'f' is not a folder"),
+    ("saved plan is a list", ["simulate", "--plan", "plan.json"], {"plan.json": "[]"},
+     "plan file 'plan.json': not a plan: expected a JSON object (got list)"),
+    ("saved plan, layer index past the end", ["simulate", "--plan", "plan.json"],
+     {"plan.json": lambda: _saved_plan(lambda d: d["model"]["layers"].__setitem__(3, 9))},
+     "layer 3 names graph 9; valid: 0..1"),
+    ("saved plan, string layer number", ["trace", "--plan", "plan.json"],
+     {"plan.json": lambda: _saved_plan(lambda d: d["steps"][0].__setitem__(0, "0"))},
+     "plan field 'steps' must be a list of [int, int, str, int] rows"),
+    ("saved plan, microbatches overlap", ["simulate", "--plan", "plan.json"],
+     {"plan.json": lambda: _saved_plan(lambda d: d["micro"][1].__setitem__(0, 100))},
+     "microbatch 1 covers tokens 100..256 but must start at 128"),
+    ("saved plan, deeply nested", ["simulate", "--plan", "plan.json"], {"plan.json": DEEP},
+     "plan JSON is nested too deeply to read"),
+    ("saved plan missing", ["simulate", "--plan", "nope.json"], {},
+     "cannot read plan file 'nope.json': No such file or directory"),
+]
+
+
+def run_cli(argv: list[str], files: dict) -> tuple[int, str]:
+    """Write ``files`` in the current folder, run the CLI in-process; (status, stderr)."""
+    import contextlib
+    import io
+
+    for name, content in files.items():
+        Path(name).write_text(content() if callable(content) else content)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([*argv, "--tokens", "256"] if "--tokens" not in argv and argv[0] != "graph"
+                    else argv)
+    return code, err.getvalue()
+
+
+@pytest.mark.parametrize(("what", "argv", "files", "part"), CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_cli_bad_input_is_one_line(tmp_path, monkeypatch, what, argv, files, part):
+    """Each bad input ends as exit status 2 and a single 'overlap ...: error: ...' line."""
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(argv, files)
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("overlap") and ": error: " in err, err
+    assert part in err
+
+
+INTERRUPTED = "overlap: interrupted"
+LONG = ["compare", "--tokens", "1024,2048,4096,8192", "--ep", "8,16,32,64", "--strategy", "all"]
+
+
+def test_ctrl_c_exits_130_with_one_line(tmp_path):
+    """SIGINT in the middle of a long comparison (about 10 s of work): exit status 130 and one
+    line, no traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "overlap", *LONG], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)  # past start-up, inside the comparison
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert (proc.returncode, err) == (130, INTERRUPTED + "\n")
+
+
+def errors_table() -> str:
+    """docs/errors.md's table: each CLI case with the line a user sees (run from a scratch
+    folder)."""
+    import tempfile
+
+    rows = ["| what was tried | command | what the user sees |", "|---|---|---|"]
+    here = os.getcwd()
+    with tempfile.TemporaryDirectory() as scratch:
+        os.chdir(scratch)
+        try:
+            for what, argv, files, _ in CLI_CASES:
+                shown = [*argv] if "--tokens" in argv or argv[0] == "graph" else [*argv, "--tokens", "256"]
+                _, err = run_cli(argv, files)
+                made = f" ({', '.join(files)} written first)" if files else ""
+                cmd = "overlap " + " ".join(shown)
+                rows.append(f"| {what}{made} | `{cmd}` | `{err.strip()}` |".replace("|`", "| `"))
+        finally:
+            os.chdir(here)
+    rows.append(f"| Ctrl-C (exit status 130) | `overlap {' '.join(LONG)}` | `{INTERRUPTED}` |")
+    return "\n".join(rows)
+
+
+ERRORS_DOC = ROOT / "docs" / "errors.md"
+BEGIN, END = "<!-- cases: begin (generated by tests/test_bad_inputs.py) -->", "<!-- cases: end -->"
+
+
+def test_errors_doc_shows_what_users_see():
+    """docs/errors.md's table is the current output of every case (regenerate with
+    `python -m tests.test_bad_inputs`)."""
+    text = ERRORS_DOC.read_text()
+    table = text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip()
+    assert table == errors_table(), "docs/errors.md is stale: run python -m tests.test_bad_inputs"
+
+
+if __name__ == "__main__":  # rewrite the table in docs/errors.md
+    text = ERRORS_DOC.read_text()
+    head, rest = text.split(BEGIN)
+    ERRORS_DOC.write_text(f"{head}{BEGIN}\n{errors_table()}\n{END}{rest.split(END)[1]}")
+
+
+# -- saved plans replay ----------------------------------------------------------------------------
+
+
+def test_simulate_and_trace_replay_a_saved_plan(tmp_path, capsys):
+    """`plan --format json` saved to a file, then `simulate --plan` and `trace --plan`, predict
+    the same step time as simulating the strategy directly."""
+    base = ["--strategy", "deepseek_prefill", "--tokens", "1024"]
+    assert main(["plan", *base, "--json", str(tmp_path / "plan.json")]) == 0
+    assert main(["trace", *base, "-o", str(tmp_path / "direct.json"),
+                 "--json", str(tmp_path / "direct-m.json")]) == 0
+    assert main(["trace", "--plan", str(tmp_path / "plan.json"), "-o", str(tmp_path / "t.json"),
+                 "--json", str(tmp_path / "replay-m.json")]) == 0
+    direct = json.loads((tmp_path / "direct-m.json").read_text())["metrics"]
+    replay = json.loads((tmp_path / "replay-m.json").read_text())["metrics"]
+    assert replay["step_s"] == direct["step_s"] and replay["strategy"] == "deepseek_prefill"
+    assert main(["simulate", "--plan", str(tmp_path / "plan.json"), "--no-plot", "--out",
+                 str(tmp_path), "--json", str(tmp_path / "sim.json")]) == 0
+    sim = json.loads((tmp_path / "sim.json").read_text())
+    assert [r["strategy"] for r in sim["results"]] == ["sequential", "deepseek_prefill"]
+    assert sim["results"][1]["step_s"] == direct["step_s"]
+    capsys.readouterr()
