@@ -15,6 +15,7 @@ vLLM plugin creates for its deployment (model, parallel config, hardware, dtype)
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -113,19 +114,22 @@ class Entry:
 class Planner:
     """``auto`` for one deployment, with its own cache: create one per engine, call :meth:`plan`.
 
-    model:    a preset name or config path (``overlap.ops_graph.templates``).
+    model:    a preset name, config path or HF config mapping (``overlap.ops_graph.templates``).
     parallel: the ``ParallelConfig``; default: none.
     hardware: preset name or (calibrated) :class:`Hardware` the search scores on; required.
     attention: the grain plans run at when the search keeps the model's own.
+    graphs_for: ``phase -> (grain -> ModelGraph)`` replacing the templates' graphs (e.g. a
+              runtime's own costed graphs, which then define the space).
     """
 
-    model: str
+    model: Any
     parallel: ParallelConfig | None = None
     hardware: str | Hardware | None = None
     dtype: str = "bf16"
     attention: str = "one"
     micro_counts: tuple[int, ...] = MICRO_COUNTS
     num_layers: int | None = None
+    graphs_for: Callable[[str], GraphFactory] | None = None
     cache: PlanCache = attrs.field(factory=PlanCache)
     _graphs: dict = attrs.field(factory=dict, repr=False)
     _decisions: dict = attrs.field(factory=dict, repr=False)  # bucket tuple -> Decision
@@ -144,8 +148,9 @@ class Planner:
     def graphs(self, phase: str) -> GraphFactory:
         """The graph factory (attention grain -> ModelGraph) for ``phase``, built once."""
         if phase not in self._graphs:
-            self._graphs[phase] = templates_graphs(self.model, self.parallel, phase=phase,
-                                                   dtype=self.dtype, num_layers=self.num_layers)
+            self._graphs[phase] = (self.graphs_for(phase) if self.graphs_for is not None else
+                                   templates_graphs(self.model, self.parallel, phase=phase,
+                                                    dtype=self.dtype, num_layers=self.num_layers))
         return self._graphs[phase]
 
     def lookup(self, phase: str, tokens: int, requests: int, context: int) -> Choice | None:
