@@ -145,3 +145,23 @@ def test_decode_tokens_must_match_requests():
     """In decode, tokens and requests name the same number."""
     with pytest.raises(ConfigError, match=r"'tokens' \(8\) must equal 'requests' \(4\)"):
         Scenario(phase="decode", tokens=8, requests=4)
+
+
+def test_side_by_side_gives_each_stream_a_measured_and_a_simulated_lane(tmp_path):
+    """Two lanes per stream, measured above simulated, compute streams first; the spans keep
+    their times. The picture of it is a PNG."""
+    from overlap.report import gantt_pair, side_by_side
+
+    simulated = Timeline("hand", ["compute", "comm"],
+                         [span("attn", 0, 8), span("dispatch", 8, 20, "comm", 1)])
+    both = side_by_side(TIMELINE, simulated)
+    assert both.streams == ("compute (measured)", "compute (simulated)", "comm (measured)",
+                            "comm (simulated)")
+    assert [(s.op, s.stream) for s in both.spans] == [("attn", 0), ("dispatch", 2), ("experts", 0),
+                                                      ("attn", 1), ("dispatch", 3)]
+    assert [s.start for s in both.spans] == [s.start for s in (*TIMELINE.spans, *simulated.spans)]
+    with pytest.raises(ConfigError, match=r"side by side needs the same streams \(got 2 and 1\)"):
+        side_by_side(TIMELINE, Timeline("x", ["compute"], []))
+    pytest.importorskip("matplotlib")
+    path = gantt_pair(TIMELINE, simulated, tmp_path / "pair.png", window=(0, 30 * US))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

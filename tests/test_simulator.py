@@ -233,3 +233,30 @@ def test_random_plans_respect_dependencies_and_the_bound(graph, strategy, hw, sh
     for i, deps in enumerate(plan.dependencies()):
         assert all(tl.spans[d].end <= tl.spans[i].start for d in deps), plan
     assert tl.makespan >= tl.bound_s * (1 - 1e-9)
+
+
+def test_hook_based_collectives_hold_no_compute_units():
+    """DeepEP's low-latency all-to-all frees every SM while in flight: with a 0.5 comm share,
+    normal mode slows attn(1) (10 -> 15 µs) but low-latency mode does not (issue 10)."""
+    hw = HW.evolve(low_latency_s=1e-6, low_latency_bw_factor=1.0)
+    plan = plan_of(compute_then_comm(), [(0, "attn", 0), (0, "dispatch", 1), (1, "attn", 0),
+                                         (1, "dispatch", 1)])
+    assert times(simulate(plan, hw, comm_compute_share=0.5, comm_mode="low_latency")) == [
+        ("attn(0)@0", 0, 10), ("dispatch(0)@0", 10, 20), ("attn(1)@0", 10, 20),
+        ("dispatch(1)@0", 20, 30)]
+    assert simulate(plan, hw, comm_compute_share=0.5).makespan == pytest.approx(35 * US)
+
+
+def test_scale_corrects_ops_by_name_or_role():
+    """Calibrated per-op factors: by name (attn x2: 20 µs) or role; the name wins over the role."""
+    ops = [Op("attn", OpKind.COMPUTE, "x", "a", cost=matrix(10), role="attn"),
+           a2a("dispatch", "a", "out", 10)]
+    plan = plan_of(ops, [(0, "attn", 0), (0, "dispatch", 1)])
+    assert times(simulate(plan, HW, scale={"attn": 2.0})) == [("attn(0)@0", 0, 20),
+                                                              ("dispatch(0)@0", 20, 30)]
+    plan = plan_of([Op("a0", OpKind.COMPUTE, "x", "out", cost=matrix(10), role="attn")],
+                   [(0, "a0", 0)])
+    assert simulate(plan, HW, scale={"attn": 0.5}).makespan == pytest.approx(5 * US)
+    assert simulate(plan, HW, scale={"attn": 0.5, "a0": 3.0}).makespan == pytest.approx(30 * US)
+    with pytest.raises(ConfigError, match=r"^scale factor for 'attn' must be a number > 0 \(got 0\)$"):
+        simulate(plan, HW, scale={"attn": 0})

@@ -22,7 +22,9 @@ Identical input gives the identical timeline: the event heap orders ties explici
 from __future__ import annotations
 
 import heapq
+import math
 from collections import defaultdict
+from collections.abc import Mapping
 
 import attrs
 
@@ -44,38 +46,55 @@ class Work:
     pool: str  # compute (GPU SMs) | matrix | vector (Ascend) | link | host
     seconds: float
     cap: float = 1.0  # the stream's share of its pool
+    # Whether a running collective holds ``comm_compute_share`` of the compute units. Hook-based
+    # (low-latency) all-to-alls issue RDMA writes and free every SM until the receive hook runs.
+    occupies: bool = True
 
 
-def step_work(plan: Plan, hw: Hardware, comm_mode: str = "normal") -> list[Work]:
-    """The :class:`Work` of every step of ``plan`` on ``hw`` (uncontended durations)."""
+def step_work(plan: Plan, hw: Hardware, comm_mode: str = "normal",
+              scale: Mapping[str, float] | None = None) -> list[Work]:
+    """The :class:`Work` of every step of ``plan`` on ``hw`` (uncontended durations).
+
+    scale: per-op corrections (measured/predicted, from calibration), keyed by op name or by op
+           role (the name wins); an op in neither keeps its priced time.
+    """
     if comm_mode not in COMM_MODES:
         raise ConfigError(f"'comm_mode' must be one of {', '.join(COMM_MODES)} (got {comm_mode!r})")
-    cache: dict[tuple[int, str, int], tuple[str, str, float]] = {}
+    scale = dict(scale or {})
+    for key, factor in scale.items():
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (
+                math.isfinite(factor) and factor > 0):
+            raise ConfigError(f"scale factor for {key!r} must be a number > 0 (got {factor!r})")
+    cache: dict[tuple[int, str, int], tuple[str, str, float, bool]] = {}
     out = []
     for step in plan.steps:
         graph = plan.model.layers[step.layer]
         key = (id(graph), step.op, step.micro)
         if key not in cache:
-            cache[key] = _price(graph[step.op], plan.split.micro[step.micro].shape, hw, comm_mode)
-        kind, pool, seconds = cache[key]
+            op = graph[step.op]
+            kind, pool, seconds, occupies = _price(op, plan.split.micro[step.micro].shape, hw,
+                                                   comm_mode)
+            factor = scale.get(op.name, scale.get(op.role, 1.0)) if scale else 1.0
+            cache[key] = (kind, pool, seconds * factor, occupies)
+        kind, pool, seconds, occupies = cache[key]
         share = plan.streams[step.stream].share
-        out.append(Work(kind, pool, seconds, 1.0 if share is None else share))
+        out.append(Work(kind, pool, seconds, 1.0 if share is None else share, occupies))
     return out
 
 
-def _price(op, shape, hw: Hardware, comm_mode: str) -> tuple[str, str, float]:
+def _price(op, shape, hw: Hardware, comm_mode: str) -> tuple[str, str, float, bool]:
     fig = op.cost(shape)
     if op.kind is OpKind.COMM:
         mode = comm_mode if op.comm.collective is Collective.ALL_TO_ALL else "normal"
         return "comm", "link", collective_time(op.comm.collective, fig.comm_bytes, op.comm.size, hw,
-                                               mode=mode)
+                                               mode=mode), mode != "low_latency"
     t = op_time(fig, hw)
     seconds = t.total_s - t.launch_s  # the launch is paid on the host when the step is issued
     if op.kind is OpKind.HOST:
-        return "host", "host", seconds
+        return "host", "host", seconds, False
     if not hw.separate_vector_units:
-        return "compute", "compute", seconds
-    return "compute", "matrix" if t.matrix_s > t.vector_s else "vector", seconds
+        return "compute", "compute", seconds, False
+    return "compute", "matrix" if t.matrix_s > t.vector_s else "vector", seconds, False
 
 
 def comm_pool(hw: Hardware) -> str:
@@ -96,7 +115,8 @@ def lower_bound(work: list[Work], comm_pool: str, comm_share: float,
     for w in work:
         per_pool[w.pool] += w.seconds
     comm = per_pool.pop("link", 0.0)
-    busy = [s + (comm_share * comm if pool == comm_pool else 0.0) for pool, s in per_pool.items()]
+    held = sum(w.seconds for w in work if w.pool == "link" and w.occupies)  # SM-holding comm
+    busy = [s + (comm_share * held if pool == comm_pool else 0.0) for pool, s in per_pool.items()]
     per_stream: dict[int, float] = defaultdict(float)
     for w, stream in zip(work, streams or ()):
         if stream in serial:
@@ -197,7 +217,7 @@ class _Clock:
         by_pool: dict[str, list[int]] = defaultdict(list)
         for i in sorted(self.runs):
             by_pool[self.work[i].pool].append(i)
-        comms = len(by_pool.get("link", ()))
+        comms = sum(self.work[i].occupies for i in by_pool.get("link", ()))
         for pool, steps in by_pool.items():
             if pool == "host":  # the host runs host ops alone: no sharing
                 rates = [1.0] * len(steps)
@@ -214,19 +234,21 @@ class _Clock:
 
 
 def simulate(plan: Plan, hardware: Hardware | str, *, comm_mode: str = "normal",
-             comm_compute_share: float | None = None) -> Timeline:
+             comm_compute_share: float | None = None,
+             scale: Mapping[str, float] | None = None) -> Timeline:
     """Predict the timeline of ``plan`` on ``hardware`` (a :class:`Hardware` or preset name).
 
-    comm_mode:          ``normal`` or ``low_latency`` (DeepEP-style all-to-all; other
-                        collectives stay normal).
-    comm_compute_share: the fraction of compute units a running collective occupies;
+    comm_mode:          ``normal`` or ``low_latency`` (DeepEP-style hook-based all-to-all: no
+                        compute units held in flight; other collectives stay normal).
+    comm_compute_share: the fraction of compute units a running (normal) collective occupies;
                         default: the hardware's ``comm_compute_share``.
+    scale:              per-op-name or per-role time corrections (``Calibration.roles``).
     """
     hw = get_hardware(hardware)
     share = hw.comm_compute_share if comm_compute_share is None else comm_compute_share
     if not (isinstance(share, (int, float)) and 0 <= share <= 1):
         raise ConfigError(f"'comm_compute_share' must be in [0, 1] (got {share!r})")
-    work = step_work(plan, hw, comm_mode)
+    work = step_work(plan, hw, comm_mode, scale)
     clock = _Clock(plan, work, hw.launch_overhead_s, comm_pool(hw), float(share))
     clock.run()
     stuck = [plan.steps[i].label() for i in range(len(work)) if i not in clock.end]

@@ -7,7 +7,7 @@ simulator, which itself builds on this package.
 """
 
 from overlap.backends.timeline import Span, Timeline
-from overlap.report.gantt import gantt, steady_window
+from overlap.report.gantt import gantt, gantt_pair, side_by_side, steady_window
 from overlap.report.metrics import Metrics, efficiency, metrics
 from overlap.report.tables import format_table, strategy_table
 from overlap.report.trace import chrome_trace, write_trace
@@ -20,7 +20,9 @@ __all__ = [
     "efficiency",
     "format_table",
     "gantt",
+    "gantt_pair",
     "metrics",
+    "side_by_side",
     "steady_window",
     "strategy_table",
     "write_trace",

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import attrs
+
 from overlap._atomic import atomic_path
 from overlap._optional import require
 from overlap.backends.timeline import Span, Timeline
@@ -35,8 +37,13 @@ def steady_window(timeline: Timeline, layers: int = 3) -> tuple[float, float]:
 
 
 def _lanes(timeline: Timeline) -> list[int]:
-    """Stream indices top to bottom: streams running compute first, then communication."""
-    has_compute = {s.stream for s in timeline.spans if s.kind != "comm"}
+    """Stream indices top to bottom: streams running compute first, then communication (a
+    side-by-side timeline keeps each stream's measured and simulated lanes together)."""
+    has_compute = _compute_streams(timeline)
+    names = timeline.streams
+    if names and all(names[i].endswith(" (measured)") for i in range(0, len(names), 2)):
+        paired = {i for i in range(len(names)) if has_compute & {i - i % 2, i - i % 2 + 1}}
+        return sorted(range(len(names)), key=lambda i: (i not in paired, i))
     return sorted(range(len(timeline.streams)), key=lambda i: (i not in has_compute, i))
 
 
@@ -83,6 +90,34 @@ def gantt(timeline: Timeline, path: str | os.PathLike[str], *,
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return Path(path)
+
+
+def side_by_side(measured: Timeline, simulated: Timeline, *, labels: tuple[str, str] = (
+        "measured", "simulated")) -> Timeline:
+    """One timeline with two lanes per stream, ``measured`` above ``simulated`` (the same plan,
+    so stream ``i`` of one is stream ``i`` of the other): what :func:`gantt_pair` draws."""
+    if len(measured.streams) != len(simulated.streams):
+        raise ConfigError(f"side by side needs the same streams (got {len(measured.streams)} "
+                          f"and {len(simulated.streams)})")
+    streams = [f"{name} ({label})" for name in measured.streams for label in labels]
+    spans = [attrs.evolve(s, stream=2 * s.stream + k)
+             for k, tl in enumerate((measured, simulated)) for s in tl.spans]
+    return Timeline(f"{measured.strategy}: {labels[0]} vs {labels[1]}", streams, spans,
+                    device=measured.device or simulated.device, measured=True)
+
+
+def gantt_pair(measured: Timeline, simulated: Timeline, path: str | os.PathLike[str], *,
+               window: tuple[float, float] | None = None, layers: int = 3,
+               title: str | None = None, width_in: float = 14.0) -> Path:
+    """A Gantt PNG of a measured run and the simulation of the same plan: two lanes per stream
+    (measured above simulated), so where the prediction drifts is visible at a glance."""
+    both = side_by_side(measured, simulated)
+    return gantt(both, path, window=window or steady_window(measured, layers), layers=layers,
+                 title=title, width_in=width_in)
+
+
+def _compute_streams(timeline: Timeline) -> set[int]:
+    return {s.stream for s in timeline.spans if s.kind != "comm"}
 
 
 def _box(ax, span: Span, start: float, end: float, y: float, scale: float, px_per_s: float) -> None:
