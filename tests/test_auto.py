@@ -7,7 +7,7 @@ import pytest
 from overlap.backends.simulated import simulate
 from overlap.errors import ConfigError
 from overlap.ops_graph.templates import ParallelConfig, build_model
-from overlap.plan import Batch, build_plan, split, validate
+from overlap.plan import NAMED, Batch, build_plan, split, validate
 from overlap.plan.stages import STAGES
 from overlap.plan.strategies.deepseek import DECODE, PREFILL
 from overlap.search import PlanCache, Planner, ShapeKey, bucket, search, templates_graphs
@@ -15,14 +15,17 @@ from overlap.search.evaluator import steady_layers
 from overlap.search.space import orders, split_at
 from tests.timeouts import deadline
 
-NAMED = ("sequential", "ascend_dbo", "sglang_tbo", "vllm_dbo", "deepseek_prefill",
-         "deepseek_decode", "ascend_multistream_mla")
 # (phase, hardware, parallel, batch, comm mode): small but each a different regime.
 SCENARIOS = {
     "prefill-910b2-ep16": ("prefill", "910b2", ParallelConfig(ep=16), Batch.prefill(4096, 2), "normal"),
     "decode-h800-ep32": ("decode", "h800", ParallelConfig(ep=32), Batch.decode(128, 4096),
                          "low_latency"),
     "prefill-910c-tp16": ("prefill", "910c", ParallelConfig(tp=16), Batch.prefill(4096, 4), "normal"),
+    # small batches, where two microbatches lose and many one-microbatch plans nearly tie
+    "decode-h800-ep32-small": ("decode", "h800", ParallelConfig(ep=32), Batch.decode(32, 4096),
+                               "low_latency"),
+    "prefill-910b2-tp8-small": ("prefill", "910b2", ParallelConfig(tp=8), Batch.prefill(32, 1),
+                                "normal"),
 }
 
 

@@ -41,6 +41,8 @@ from overlap.search.space import (
     present_stages,
 )
 
+FINALISTS = 4  # named strategies verified at full depth beside the winner
+
 
 @attrs.frozen
 class SearchResult:
@@ -116,14 +118,14 @@ def search(model: ModelGraph, batch: Batch, hardware: str | Hardware, *,
 
 def _verify(ev: Evaluator, best: Choice, named_scores: dict[Choice, float]) -> SearchResult:
     """Full-depth simulation of the winner and of the best named strategies (those within 1%
-    of the best estimate, at most two distinct estimates): the fastest is returned."""
+    of the best estimate, at most FINALISTS distinct estimates): the fastest is returned."""
     floor = min(named_scores.values())
     finalists: list[Choice] = []
     for c in sorted(named_scores, key=named_scores.get):
         s = named_scores[c]
         if s <= floor * 1.01 and all(s != named_scores[f] for f in finalists):
             finalists.append(c)
-    finalists = finalists[:2]
+    finalists = finalists[:FINALISTS]
     full = {c: ev.full(c) for c in dict.fromkeys([best, *finalists])}
     base = min(finalists, key=lambda c: full[c][1])
     win = min(full, key=lambda c: (full[c][1], c is not best))
