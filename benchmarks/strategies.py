@@ -202,10 +202,13 @@ def goals(results: list[dict]) -> str:
     tol = 1e-9
     slower_seq = [r for r in results if step(r, "auto") > step(r, "sequential") * (1 + tol)]
     slower_best = [r for r in results if r["auto_gain"] < -tol]
-    losing = [r for r in results if r["phase"] == "decode" and all(
-        step(r, n) > step(r, "sequential") for n in NAMED if r["microbatches"][n] > 1)]
+    def two(r: dict) -> list[str]:  # named strategies that did split (not at 1 token)
+        return [n for n in NAMED if r["microbatches"][n] > 1]
+
+    losing = [r for r in results if r["phase"] == "decode" and two(r) and all(
+        step(r, n) > step(r, "sequential") for n in two(r))]
     missed = [r for r in losing if r["microbatches"]["auto"] != 1 or not all(
-        step(r, "auto") < step(r, n) for n in NAMED if r["microbatches"][n] > 1)]
+        step(r, "auto") < step(r, n) for n in two(r))]
     lines = [
         f"Goals: auto slower than sequential in {len(slower_seq)} and slower than the best named "
         f"strategy in {len(slower_best)} of {len(results)} scenarios"
@@ -221,6 +224,31 @@ def goals(results: list[dict]) -> str:
     wins = [r for r in results if r["auto_gain"] >= 0.05]
     lines += [f"- {_label(r)}: {r['auto_gain'] * 100:+.1f}% over {r['best_named']} — "
               f"{r['auto_choice']}: {_why(r)}" for r in wins] or ["- none"]
+    return "\n".join(lines)
+
+
+def winners(results: list[dict]) -> str:
+    """Per group of scenarios, which named strategy is fastest how often (ties to each)."""
+    def group(r: dict) -> str:
+        if r["par"].endswith("-small"):
+            return "small decode (1-128 tokens/device, EP32)"
+        if r["par"].startswith("TP"):
+            return f"tensor parallel {r['phase']} ({r['par']})"
+        return f"expert parallel {r['phase']}"
+
+    by: dict[str, dict[str, int]] = {}
+    for r in results:
+        fastest = min(r["strategies"][n]["step_s"] for n in NAMED)
+        counts = by.setdefault(group(r), {})
+        for n in NAMED:  # every strategy within 0.1% of the fastest counts as a winner
+            if r["strategies"][n]["step_s"] <= fastest * 1.001:
+                counts[n] = counts.get(n, 0) + 1
+    lines = ["Fastest named strategy (within 0.1%) per group of scenarios:", ""]
+    for name, counts in by.items():
+        total = sum(group(r) == name for r in results)
+        ranked = sorted(counts.items(), key=lambda kv: -kv[1])
+        lines.append(f"- {name}, {total} scenarios: "
+                     + ", ".join(f"{n} {c}" for n, c in ranked))
     return "\n".join(lines)
 
 
@@ -287,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(f"\r{i + 1}/{len(todo)} scenarios")
     lookup_s, plan_hit_s = lookup_time()
     text = (table(results) + "\n\n" + summary(results, lookup_s, plan_hit_s) + "\n\n"
-            + goals(results))
+            + goals(results) + "\n\n" + winners(results))
     print(text)
     print(f"\n(benchmark run time {time.perf_counter() - start:.0f} s)")
     out = Path(args.out)
