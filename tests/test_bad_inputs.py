@@ -448,3 +448,27 @@ def test_simulate_and_trace_replay_a_saved_plan(tmp_path, capsys):
     assert [r["strategy"] for r in sim["results"]] == ["sequential", "deepseek_prefill"]
     assert sim["results"][1]["step_s"] == direct["step_s"]
     capsys.readouterr()
+
+
+def test_large_prefill_benchmark_runs(tmp_path):
+    """benchmarks/bad_inputs.py runs a small case end to end (its timing is not asserted)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "rows.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bad_inputs.py"), "--requests",
+                          "2000", "--json", str(out)], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["strategy"] for r in rows] == ["sequential", "all"] and rows[1]["best"].startswith("best:")
+
+
+def test_million_request_batch_shares_request_objects():
+    """Equal requests are one object, so a 1M-request batch and its split stay small."""
+    from overlap.plan import Batch, split
+
+    batch = Batch.of([(1, 0)] * 1_000_000)
+    assert len({id(r) for r in batch.requests}) == 1
+    s = split(batch, 2)
+    assert s.token_counts == (500_000, 500_000) and s.micro[1].shape.requests == 500_000

@@ -7,6 +7,8 @@ out request after request, which is the order every microbatch split preserves.
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Iterable
 
 import attrs
@@ -38,11 +40,26 @@ class Batch:
     """The requests of one step on one rank, in token order."""
 
     requests: tuple[Request, ...] = attrs.field(converter=tuple)
+    _starts: tuple[int, ...] | None = attrs.field(default=None, init=False, eq=False, repr=False)
+    _sums: tuple[list[int], list[int]] | None = attrs.field(default=None, init=False, eq=False,
+                                                            repr=False)
+    _codes: tuple[tuple[Request, ...], list[int]] | None = attrs.field(
+        default=None, init=False, eq=False, repr=False)
 
     @classmethod
     def of(cls, lengths: Iterable[tuple[int, int]]) -> Batch:
-        """From ``(query_len, context_len)`` pairs."""
-        return cls(tuple(Request(q, c) for q, c in lengths))
+        """From ``(query_len, context_len)`` pairs.
+
+        Requests are immutable values, so equal pairs share one :class:`Request`: a batch of a
+        million requests of a few lengths builds a few objects.
+        """
+        pairs = list(map(tuple, lengths))
+        made = {}
+        for pair in set(pairs):
+            if len(pair) != 2:
+                raise ConfigError(f"a request is (query_len, context_len) (got {pair!r})")
+            made[pair] = Request(*pair)
+        return cls(tuple(map(made.__getitem__, pairs)))
 
     @classmethod
     def prefill(cls, tokens: int, requests: int = 1) -> Batch:
@@ -63,7 +80,40 @@ class Batch:
 
     @property
     def tokens(self) -> int:
-        return sum(r.query_len for r in self.requests)
+        return self.starts()[-1]
+
+    def prefix_sums(self) -> tuple[list[int], list[int]]:
+        """Running sums over the requests of their :class:`Shape` ``context`` and ``pairs``
+        (index ``i``: requests before ``i``), so a range of whole requests costs O(1)."""
+        if self._sums is None:
+            uniques, codes = self.codes()
+            context = [r.context_len + r.query_len for r in uniques]
+            pairs = [r.query_len * r.context_len + r.query_len * (r.query_len + 1) // 2
+                     for r in uniques]
+            object.__setattr__(self, "_sums", (
+                list(itertools.accumulate(map(context.__getitem__, codes), initial=0)),
+                list(itertools.accumulate(map(pairs.__getitem__, codes), initial=0))))
+        return self._sums
+
+    def codes(self) -> tuple[tuple[Request, ...], list[int]]:
+        """(the distinct request objects, each request's index among them): per-request work
+        is done once per distinct object (:meth:`of` shares equal requests). Computed once."""
+        if self._codes is None:
+            index = dict.fromkeys(map(id, self.requests))
+            for i, key in enumerate(index):
+                index[key] = i
+            uniques = tuple(dict(zip(map(id, self.requests), self.requests)).values())
+            object.__setattr__(self, "_codes", (uniques, list(map(index.__getitem__,
+                                                                  map(id, self.requests)))))
+        return self._codes
+
+    def starts(self) -> tuple[int, ...]:
+        """Token offset of each request, then the total: ``starts()[i]`` is where request ``i``
+        begins. Computed once (the batch never changes)."""
+        if self._starts is None:
+            lengths = map(operator.attrgetter("query_len"), self.requests)
+            object.__setattr__(self, "_starts", tuple(itertools.accumulate(lengths, initial=0)))
+        return self._starts
 
     @property
     def shape(self) -> Shape:
