@@ -113,3 +113,74 @@ def trace_files(draw: st.DrawFn) -> bytes:
         if draw(st.booleans()):
             data = data[:draw(st.integers(0, len(data)))]
     return data
+
+
+# -- loader fuzzing: random JSON and random edits of valid documents ------------------------------
+
+json_scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70)
+                | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8)
+                | st.sampled_from([0, 1, -1, 2, 256, 1 << 21, "", "0", "ep", "comm", "compute"]))
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=10,
+)
+
+
+def _paths(doc, prefix=()):
+    """Every path (tuple of keys and indices) to a value inside ``doc``, the root included."""
+    yield prefix
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            yield from _paths(value, (*prefix, key))
+    elif isinstance(doc, list):
+        for i, value in enumerate(doc):
+            yield from _paths(value, (*prefix, i))
+
+
+@st.composite
+def mutated(draw: st.DrawFn, doc):
+    """A deep copy of the JSON document ``doc`` with 1-3 random edits: a value replaced (by
+    random JSON or a near miss: its negation, a string of it, null), a key deleted, or a list
+    element dropped or duplicated. Most edits keep the document almost valid, which is where
+    loaders crack."""
+    import copy
+
+    doc = copy.deepcopy(doc)
+    for _ in range(draw(st.integers(1, 3))):
+        paths = list(_paths(doc))
+        path = draw(st.sampled_from(paths))
+        if not path:
+            doc = draw(json_values)
+            continue
+        parent = doc
+        for key in path[:-1]:
+            parent = parent[key]
+        key, old = path[-1], parent[path[-1]]
+        edit = draw(st.sampled_from(["replace", "near", "delete", "duplicate"]))
+        if edit == "replace":
+            parent[key] = draw(json_values)
+        elif edit == "near":
+            near = [None, str(old), [old], True]
+            if isinstance(old, int | float) and not isinstance(old, bool):
+                near += [-old, old + 0.5, old * 10**9, -1]
+            parent[key] = draw(st.sampled_from(near))
+        elif edit == "delete" or not isinstance(parent, list):
+            del parent[key]
+        else:
+            parent.insert(key, copy.deepcopy(old))
+    return doc
+
+
+csv_cells = st.sampled_from(["", "attn", "dispatch", "1.5", "-3", "nan", "inf", "1e400", "x",
+                             "compute", "comm", "host", "gpu", '"q"', "0", " 7 "])
+
+
+@st.composite
+def csv_texts(draw: st.DrawFn) -> str:
+    """CSV-like text: usually the ``op,duration_us[,kind]`` header, then rows of odd cells."""
+    header = draw(st.sampled_from(["op,duration_us", "op,duration_us,kind", "op", "x,y",
+                                   "op,duration_us,kind,extra", ""]))
+    rows = draw(st.lists(st.lists(csv_cells, min_size=0, max_size=4), max_size=6))
+    body = "\n".join(",".join(r) for r in rows)
+    return header + "\n" + body + draw(st.sampled_from(["", "\n", "\r\n", "\x00", "\ufeff"]))

@@ -6,16 +6,20 @@ table in docs/errors.md (input -> the line a user sees); a test keeps that table
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from overlap.cli import main
-from overlap.errors import ConfigError, suggest
+from overlap.errors import ConfigError, OverlapError, suggest
 from overlap.search.scenario import strategy_names
+from tests.strategies import csv_texts, json_values, mutated
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -340,7 +344,6 @@ CLI_CASES = [
 
 def run_cli(argv: list[str], files: dict) -> tuple[int, str]:
     """Write ``files`` in the current folder, run the CLI in-process; (status, stderr)."""
-    import contextlib
     import io
 
     for name, content in files.items():
@@ -472,3 +475,100 @@ def test_million_request_batch_shares_request_objects():
     assert len({id(r) for r in batch.requests}) == 1
     s = split(batch, 2)
     assert s.token_counts == (500_000, 500_000) and s.micro[1].shape.requests == 500_000
+
+
+# -- every loader: a valid object or one OverlapError ---------------------------------------------
+
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _small_plan():
+    from overlap.ops_graph.templates import ParallelConfig, build_model
+    from overlap.plan import Batch, build_plan, split
+
+    model = build_model("deepseek-v3", ParallelConfig(tp=2, ep=16), num_layers=4)
+    return build_plan("deepseek_prefill", model, split(Batch.of([(40, 0), (24, 8)]), 2,
+                                                       split_requests=True))
+
+
+SMALL_PLAN = _small_plan().to_dict()
+SMALL_GRAPH = SMALL_PLAN["model"]["graphs"][1]
+
+
+@FUZZ
+@given(st.one_of(mutated(SMALL_GRAPH), json_values))
+def test_graph_loader_gives_a_graph_or_one_error(doc):
+    """Graph.from_dict on edited or random JSON."""
+    from overlap.ops_graph import Graph
+
+    try:
+        graph = Graph.from_dict(doc)
+    except OverlapError:
+        return
+    assert Graph.from_dict(graph.to_dict()) == graph
+
+
+@FUZZ
+@given(st.one_of(mutated(SMALL_PLAN["model"]), json_values))
+def test_model_graph_loader_gives_a_model_or_one_error(doc):
+    """ModelGraph.from_dict on edited or random JSON."""
+    from overlap.ops_graph import ModelGraph
+
+    with contextlib.suppress(OverlapError):
+        ModelGraph.from_dict(doc)
+
+
+@FUZZ
+@given(st.one_of(mutated(SMALL_PLAN), json_values))
+def test_plan_loader_gives_a_runnable_plan_or_one_error(doc):
+    """Plan.from_json then validate on edited or random JSON; what passes also simulates."""
+    from overlap.backends.simulated import simulate
+    from overlap.plan import Plan, validate
+
+    try:
+        plan = validate(Plan.from_json(json.dumps(doc)))
+    except OverlapError:
+        return
+    assert simulate(plan, "910b2").makespan > 0
+
+
+@FUZZ
+@given(st.one_of(mutated(dict(_hf())), json_values))
+def test_hf_config_loader_gives_a_buildable_model_or_one_error(doc):
+    """ModelConfig.from_hf, then a 2-layer graph on EP16, on edited or random config.json."""
+    from overlap.ops_graph.templates import ModelConfig, ParallelConfig, build_model
+
+    with contextlib.suppress(OverlapError):
+        build_model(ModelConfig.from_hf(doc), ParallelConfig(ep=16), num_layers=2)
+
+
+@FUZZ
+@given(csv_texts())
+def test_csv_loader_gives_measurements_or_one_error(tmp_path_factory, text):
+    """load_measurements on CSV-like text."""
+    from overlap.cost import load_measurements
+
+    path = tmp_path_factory.mktemp("csv") / "m.csv"
+    path.write_text(text)
+    try:
+        rows = load_measurements(path)
+    except OverlapError:
+        return
+    assert all(r.duration_s >= 0 for r in rows)
+
+
+VLLM_KEYS = st.sampled_from(["enabled", "strategy", "microbatches", "min_tokens",
+                             "max_imbalance", "backend", "hardware", "best_effort", "other"])
+
+
+@FUZZ
+@given(st.one_of(json_values, st.dictionaries(st.just("overlap"), st.one_of(
+    json_values, st.dictionaries(VLLM_KEYS, json_values, max_size=4)))),
+       st.one_of(st.none(), st.text(max_size=20), json_values.map(json.dumps)))
+def test_vllm_config_loader_gives_a_config_or_one_error(additional, env):
+    """The plugin's additional_config entry and $OVERLAP_VLLM, random and near-valid."""
+    from overlap.integrations.vllm.config import ENV_VAR, load
+
+    environ = {} if env is None else {ENV_VAR: env}
+    with contextlib.suppress(OverlapError):
+        load(additional, environ)
