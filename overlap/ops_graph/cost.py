@@ -9,6 +9,7 @@ The cost model (``overlap.cost``) turns the evaluated :class:`CostFigures` into 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import attrs
@@ -75,6 +76,9 @@ class Formula:
         if unknown:
             valid = ", ".join(attrs.fields_dict(cls))
             raise ValueError(f"unknown formula term(s) {sorted(unknown)}; valid: {valid}")
+        for k, v in data.items():  # JSON is untrusted: a term is a finite number >= 0
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < math.inf:
+                raise ValueError(f"formula term {k!r} must be a finite number >= 0 (got {v!r})")
         return cls(**{k: float(v) for k, v in data.items()})
 
 

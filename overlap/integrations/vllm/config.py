@@ -133,6 +133,8 @@ def _json(text: str) -> Any:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"${ENV_VAR} must be a JSON object such as "
                           f"'{{\"strategy\": \"{DEFAULT_STRATEGY}\"}}' (got {text!r}: {exc})") from None
+    except RecursionError:
+        raise ConfigError(f"${ENV_VAR} is JSON nested too deeply to read") from None
 
 
 def _section(value: Any, where: str) -> dict[str, Any]:
@@ -154,6 +156,8 @@ def strategies() -> tuple[str, ...]:
 
 
 def _strategy(name: Any) -> str:
+    if not isinstance(name, str):
+        raise ConfigError(f"'strategy' must be one of {', '.join(strategies())} (got {name!r})")
     if name in UNSUPPORTED_STRATEGIES:
         raise ConfigError(f"'strategy' {name!r} is not supported by the vLLM plugin: "
                           f"{UNSUPPORTED_STRATEGIES[name]}; valid: {', '.join(strategies())}")
@@ -165,7 +169,7 @@ def _strategy(name: Any) -> str:
 def _microbatches(value: Any, strategy: str) -> int:
     from overlap.plan.split import MAX_MICROBATCHES
 
-    if value == "auto":
+    if isinstance(value, str) and value == "auto":
         value = DEFAULT_MICROBATCHES
     if not _is_int(value) or not 2 <= value <= MAX_MICROBATCHES:
         raise ConfigError(f"'microbatches' must be \"auto\" or an integer in 2..{MAX_MICROBATCHES} "
