@@ -8,7 +8,8 @@ so this runs offline.
 
 1. **Per role.** Kernels are mapped to the DeepSeek template's fine ops (``overlap.cost.traces``)
    and summed per (layer, op); the simulator prices the same ops for DeepSeek-V3 on ``h800`` at
-   EP64, fp8, one 4096-token prefill microbatch. Ratios predicted/measured per op role, before
+   EP64, fp8, one 4096-token prefill microbatch, compute on the 112 SMs DeepSeek's kernels are
+   launched on (DeepEP keeps 20; ``--reserved-sms``). Ratios predicted/measured per op role, before
    calibration and after fitting one factor per role on the first half of the layers (the
    other half is the test set).
 2. **Replay.** The trace's own schedule is replayed on a virtual clock: each (annotation, layer)
@@ -46,15 +47,19 @@ CHAINS = {"F": ("attn", "dispatch", "mlp", "combine"), "B": ("combine", "mlp", "
 GOALS = {"uncalibrated": 1.5, "calibrated": 0.15, "period": 0.10, "hidden_points": 5.0}
 
 
-def predicted_ops(tokens: int, hardware: str) -> tuple[dict[str, float], dict[str, str]]:
-    """Seconds and role of each op of one DeepSeek-V3 MoE layer (EP64, fp8, one microbatch)."""
+def predicted_ops(tokens: int, hardware: str, reserved_sms: int = 0
+                  ) -> tuple[dict[str, float], dict[str, str]]:
+    """Seconds and role of each op of one DeepSeek-V3 MoE layer (EP64, fp8, one microbatch);
+    compute ops on the SMs left after ``reserved_sms`` (the roofline scales by that share)."""
     model = build_model("deepseek-v3", ParallelConfig(ep=64), phase="prefill", attention="fine",
                         dtype="fp8", num_layers=4)  # layers 0-2 dense, 3 MoE
     plan = build_plan("sequential", model, split(Batch.prefill(tokens, 1), 1))
+    hw = get_hardware(hardware)
+    share = 1.0 - reserved_sms / hw.compute_units
     seconds, roles = {}, {}
-    for step, work in zip(plan.steps, step_work(plan, get_hardware(hardware))):
+    for step, work in zip(plan.steps, step_work(plan, hw)):
         if step.layer == 3:
-            seconds[step.op] = work.seconds
+            seconds[step.op] = work.seconds / (share if work.kind == "compute" else 1.0)
             roles[step.op] = model.layers[3][step.op].role
     return seconds, roles
 
@@ -209,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="profiler trace (default: the committed excerpt of train.json)")
     parser.add_argument("--hardware", default="h800")
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per microbatch per rank")
+    parser.add_argument("--reserved-sms", type=int, default=20,
+                        help="SMs the trace's compute kernels leave to DeepEP (its GEMM grids are "
+                             "112 of 132 SMs wide; default: %(default)s)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--gantt", metavar="PNG", help="measured vs replayed (calibrated) picture")
     args = parser.parse_args(argv)
@@ -217,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     layers = list(prof.layers)
     half = len(layers) // 2
     train, test = layers[:half] or layers, layers[half:] or layers
-    pred, roles = predicted_ops(args.tokens, args.hardware)
+    pred, roles = predicted_ops(args.tokens, args.hardware, args.reserved_sms)
     rows, factors = role_table(prof, pred, roles, train, test)
     op_factor = {op: factors.get(roles[op], 1.0) for op in pred}
     calibrated = {op: s * op_factor[op] for op, s in pred.items()}

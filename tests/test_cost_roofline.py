@@ -22,6 +22,7 @@ GPU = HARDWARE["h100"].evolve(
     vector_efficiency=0.5,
     memory_efficiency=0.5,
     launch_overhead_s=1e-6,
+    matrix_half_flops=0.0,  # a flat efficiency; the size curve has its own test
 )
 NPU = GPU.evolve(vendor="ascend", separate_vector_units=True, fp8_tflops=0.0)
 
@@ -36,6 +37,15 @@ def test_gpu_adds_matrix_and_vector_time():
     assert (t.matrix_s, t.vector_s, t.memory_s) == pytest.approx((0.02, 0.02, 0.002))
     assert t.launch_s == 1e-6
     assert t.total_s == pytest.approx(1e-6 + 0.04)
+
+
+def test_small_gemms_reach_less_of_the_peak():
+    """With matrix_half_flops = 1e11, a 1e11-FLOP GEMM reaches half of matrix_efficiency (0.25:
+    1e11 / (100e12 * 0.25) = 4 ms), a 9e11 one 0.9 of it (0.45: 9e11 / 45e12 = 20 ms)."""
+    hw = GPU.evolve(matrix_half_flops=1e11)
+    assert op_time(CostFigures(flops=1e11), hw).matrix_s == pytest.approx(0.004)
+    assert op_time(CostFigures(flops=9e11), hw).matrix_s == pytest.approx(0.02)
+    assert hw.matrix_efficiency_at(9e11) == pytest.approx(0.45)
 
 
 def test_ascend_overlaps_matrix_and_vector_time():

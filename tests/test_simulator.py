@@ -23,7 +23,7 @@ US = 1e-6
 HW = get_hardware("h100").evolve(
     bf16_tflops=1.0, vector_tflops=1.0, hbm_gbps=1e6, matrix_efficiency=1.0, vector_efficiency=1.0,
     intra_link_gbps=1.0, intra_link_efficiency=1.0, intra_latency_s=1e-6, launch_overhead_s=0.0,
-    comm_compute_share=0.0,
+    comm_compute_share=0.0, matrix_half_flops=0.0,
 )
 ASCEND = HW.evolve(separate_vector_units=True)
 TWO = (Stream("compute", "compute"), Stream("comm", "comm"))

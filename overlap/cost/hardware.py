@@ -99,7 +99,17 @@ class Hardware:
     memory_efficiency: float = attrs.field(validator=_fraction)
     intra_link_efficiency: float = attrs.field(validator=_fraction)
     inter_link_efficiency: float = attrs.field(validator=_fraction)
+    # Achieved GEMM efficiency falls for small GEMMs (tile quantisation, wave tails, the fixed
+    # prologue/epilogue): a matmul of F FLOPs reaches matrix_efficiency * F / (F + this).
+    # 0 keeps one flat fraction (presets without kernel-level measurements).
+    matrix_half_flops: float = attrs.field(default=0.0, validator=_non_negative)
     notes: str = ""
+
+    def matrix_efficiency_at(self, flops: float) -> float:
+        """The fraction of the matrix peak a GEMM of ``flops`` FLOPs reaches."""
+        if not self.matrix_half_flops:
+            return self.matrix_efficiency
+        return self.matrix_efficiency * flops / (flops + self.matrix_half_flops)
 
     @property
     def matrix_tflops(self) -> Mapping[str, float]:
@@ -183,7 +193,8 @@ def _nvidia_hopper(name: str, **figures: Any) -> Hardware:
         compute_units=132,
         separate_vector_units=False,
         comm_compute_share=20 / 132,
-        matrix_efficiency=0.75,
+        matrix_efficiency=0.70,
+        matrix_half_flops=25e9,
         vector_efficiency=0.6,
         memory_efficiency=0.85,
         intra_link_efficiency=0.8,

@@ -4,16 +4,18 @@ The simulator needs a duration for every (microbatch, op) before any hardware is
 roofline is the simplest model that gets the two regimes of MoE inference right: prefill GEMMs
 are bound by the matrix units, decode (few tokens, all weights read) by device memory. The model:
 
-    matrix_s = flops        / (peak[dtype] * matrix_efficiency * share)
+    matrix_s = flops        / (peak[dtype] * matrix_efficiency(flops) * share)
     vector_s = vector_flops / (vector peak * vector_efficiency * share)
     memory_s = hbm_bytes    / (HBM bandwidth * memory_efficiency * share)
     compute  = max(matrix_s, vector_s)   where cube and vector cores run at once (Ascend)
              = matrix_s + vector_s       where both share the SMs (GPUs)
     total_s  = launch_overhead + max(compute, memory_s)
 
-``share`` is the fraction of the device the op gets. The simulator lowers it when a collective
-kernel occupies compute units or when two compute streams run at once; memory bandwidth is
-scaled too, because concurrent kernels split it as well.
+``matrix_efficiency(flops)`` is the preset's ``matrix_efficiency`` times ``flops / (flops +
+matrix_half_flops)`` (small GEMMs reach less of the peak; a flat fraction where the preset has
+no ``matrix_half_flops``). ``share`` is the fraction of the device the op gets. The simulator
+lowers it when a collective kernel occupies compute units or when two compute streams run at
+once; memory bandwidth is scaled too, because concurrent kernels split it as well.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ def op_time(fig: CostFigures, hw: Hardware, *, compute_share: float = 1.0) -> Op
     matrix_s = 0.0
     if fig.flops:
         peak = hw.matrix_peak_tflops(fig.dtype) * 1e12
-        matrix_s = fig.flops / (peak * hw.matrix_efficiency * compute_share)
+        # = flops / (peak * matrix_efficiency_at(flops) * share), without underflow for tiny ops
+        matrix_s = (fig.flops + hw.matrix_half_flops) / (peak * hw.matrix_efficiency * compute_share)
     vector_s = fig.vector_flops / (hw.vector_tflops * 1e12 * hw.vector_efficiency * compute_share)
     memory_s = fig.hbm_bytes / (hw.hbm_gbps * 1e9 * hw.memory_efficiency * compute_share)
 

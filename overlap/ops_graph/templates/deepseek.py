@@ -64,11 +64,13 @@ def mla(b: GraphBuilder, m: ModelConfig, par: ParallelConfig, p: Precision, *,
         flops = Formula(per_token=2.0 * nh * kvr * (dn + dv), per_pair=2.0 * nh * (2 * kvr + dr))
     else:
         flops = Formula(per_context=2.0 * kvr * nh * (dn + dv), per_pair=2.0 * nh * (dn + dr + dv))
+    # Core attention runs in bf16 whatever the GEMM dtype (FlashAttention-3 and FlashMLA in
+    # DeepSeek's FP8 deployment; vllm-ascend's W8A8 keeps attention in bf16 too).
     core = OpCost(
         flops=flops,
         vector_flops=Formula(per_pair=4.0 * nh),  # online softmax
         hbm_bytes=Formula(const=kv_b_weights, per_token=io, per_context=(kvr + dr) * ACT_BYTES),
-        dtype=p.dtype,
+        dtype="bf16",
     )
     b.compute("core_attn", ("q_pe", "kv_cache"), "attn_o", cost=core, role=Role.ATTN1)
     attention_output(b, par, h, matmul(nh * dv, h, p), Role.ATTN1)
