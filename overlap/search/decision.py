@@ -35,7 +35,7 @@ from overlap.plan.plan import Plan
 from overlap.plan.strategies import STRATEGIES
 from overlap.search.choice import SearchResult
 from overlap.search.evaluator import Evaluator, Progress, simulated
-from overlap.search.space import _SEQUENCES, Choice, realise
+from overlap.search.space import Choice, chunked_choice, realise
 
 QUICK_NAMED = ("off", "single_batch", "chunked_experts", "deepseek_prefill")
 QUICK_CHUNKS = ((2, True),)  # (chunks, dispatch cut too)
@@ -104,9 +104,7 @@ def quick_choices(present: Sequence[str]) -> list[Choice]:
     """The cold path's short list: a few named strategies and chunked one-microbatch forms."""
     out = [Choice(STRATEGIES[n].microbatches, n, named=n) for n in QUICK_NAMED]
     if {"dispatch", "experts", "combine"} <= set(present):
-        pattern = tuple((0, 0, s) for s in _SEQUENCES["shared_after_dispatch"])
-        out += [Choice(1, "in_order/shared_after_dispatch", pattern, chunks=r, chunk_dispatch=d)
-                for r, d in QUICK_CHUNKS]
+        out += [chunked_choice(r, d) for r, d in QUICK_CHUNKS]
     return out
 
 

@@ -276,7 +276,6 @@ def realise(choice: Choice, model: ModelGraph, batch: Batch, *, cost: Callable |
     return validate(plan) if check else plan
 
 
-
 # -- neighbourhoods ----------------------------------------------------------------------------
 
 
@@ -285,13 +284,20 @@ def orders_as_choices(n: int, present: Sequence[str]) -> list[Choice]:
     (shared experts under the dispatch, the chain in 2, 4 or 8 chunks, dispatch cut or not)."""
     out = [Choice(n, name, pattern) for name, pattern in orders(n, present)]
     if n == 1 and {"dispatch", "experts", "combine"} <= set(present):
-        pattern = tuple((0, 0, s) for s in _SEQUENCES["shared_after_dispatch"])
-        out += [Choice(1, "in_order/shared_after_dispatch", pattern, chunks=r, chunk_dispatch=d)
-                for r in CHUNK_COUNTS for d in (False, True)]
+        out += [chunked_choice(r, d) for r in CHUNK_COUNTS for d in (False, True)]
     return out
 
 
+def chunked_choice(chunks: int, dispatch: bool) -> Choice:
+    """One microbatch, shared experts under the dispatch, the MoE chain in ``chunks`` chunks of
+    experts (``dispatch``: the dispatch too, in rounds)."""
+    pattern = tuple((0, 0, s) for s in _SEQUENCES["shared_after_dispatch"])
+    return Choice(1, "in_order/shared_after_dispatch", pattern, chunks=chunks,
+                  chunk_dispatch=dispatch)
+
+
 def present_stages(model: ModelGraph) -> list[str]:
+    """The stages that hold ops in some layer of ``model``, in :data:`STAGES` order."""
     found = {s for g in model.distinct() for s, ops in stages(g).items() if ops}
     return [s for s in STAGES if s in found]
 
@@ -323,6 +329,7 @@ def named_choices(grains: bool) -> list[Choice]:
 
 
 def cut_variants(c: Choice) -> list[Choice]:
+    """``c`` with a cost-balanced cut, and with the first microbatch a little smaller or larger."""
     out = [attrs.evolve(c, balance="cost")]
     if c.n == 2:
         out += [attrs.evolve(c, shares=(0.5 + s,)) for s in SKEWS]
@@ -335,6 +342,7 @@ def cut_variants(c: Choice) -> list[Choice]:
 
 
 def graph_variants(c: Choice, graphs: GraphFactory | None, own: str) -> list[Choice]:
+    """``c`` with the vector stream, and (given a graph factory) on every other attention grain."""
     out = [attrs.evolve(c, vector=True)]
     if graphs is not None:
         from overlap.ops_graph.templates import ATTENTION_GRAINS
