@@ -20,6 +20,7 @@ from overlap.cli import main
 from overlap.errors import ConfigError, OverlapError, suggest
 from overlap.search.scenario import strategy_names
 from tests.strategies import csv_texts, json_values, mutated
+from tests.timeouts import deadline
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -378,9 +379,14 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path):
     import time
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "overlap", *LONG], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    time.sleep(3)  # past start-up, inside the comparison
+    # Say when main is about to run, so the signal lands in the command, not in start-up
+    # (however slow start-up is on a loaded machine).
+    code = f"import sys; from overlap.cli import main; print('ready', flush=True); sys.exit(main({LONG!r}))"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with deadline(120):
+        assert proc.stdout.readline() == "ready\n"
+    time.sleep(1)  # inside the comparison (about 10 s of work)
     proc.send_signal(signal.SIGINT)
     try:
         _, err = proc.communicate(timeout=60)
