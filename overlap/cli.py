@@ -75,6 +75,9 @@ def _scenario_flags(p: argparse.ArgumentParser, *, lists: bool = False, strategy
                         f"(default: 256){many}")
     g.add_argument("--context", type=num, default=None,
                    help=f"cached tokens per request (default: 0 prefill, 4096 decode){many}")
+    g.add_argument("--query-len", type=int, default=1, metavar="K",
+                   help="decode: query tokens per request (MTP / speculative decoding; DeepSeek "
+                        "decodes 2) (default: 1)")
     g.add_argument("--tp", type=num, default=1, help=f"tensor parallel size (default: 1){many}")
     g.add_argument("--ep", type=num, default=16, help=f"expert parallel size (default: 16){many}")
     g.add_argument("--dp", type=num, default=1, help=f"data parallel size (default: 1){many}")
@@ -110,7 +113,7 @@ def _scenario(args: argparse.Namespace, **override: Any):
                   requests=args.requests, context=args.context, tp=args.tp, ep=args.ep, dp=args.dp,
                   moe_comm=args.moe_comm, dtype=args.dtype, attention=args.attention,
                   microbatches=args.microbatches, comm_mode=args.comm_mode,
-                  comm_share=args.comm_share)
+                  comm_share=args.comm_share, query_len=args.query_len)
     fields.update(override)
     return Scenario(**fields)
 
@@ -306,6 +309,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                                  groups=_attention_groups(predicted))
     cal = fit(predicted, measured, method=args.method)
     print(cal.report())
+    if not str(args.measurements).lower().endswith((".csv", ".csv.gz")):
+        from overlap.cost.traces import describe, kernel_profile
+
+        prof = kernel_profile(args.measurements, table=args.kernel_table, layers=args.layers)
+        if prof is not None:  # say what the trace held beyond the matched ops
+            print(describe(prof))
     _write_json(args, {"compute": cal.compute, "comm": cal.comm, "host": cal.host,
                        "method": cal.method, "error_before": cal.error_before,
                        "error_after": cal.error_after, "unmatched": list(cal.unmatched),

@@ -540,16 +540,10 @@ def _advance(counts: Counter, matching: Sequence[KernelRule], seg: str | None,
         done.add(key)
 
 
-def profile_measurements(path: str | os.PathLike[str], *, table: KernelTable | str | None = None,
-                         layers: int | None = None, groups: Mapping[str, str] | None = None
-                         ) -> list[Any] | None:
-    """Per-(layer, op) measurements of the kernel trace at ``path``; None when it has no
-    kernels or none the table knows (then it is an op-named trace, read as such).
-
-    table:  a :class:`KernelTable`, or the path of a user table whose rules go in front of the
-            shipped DeepSeek/H800 one.
-    groups: op renames applied before summing (e.g. MLA's fine ops -> ``attn``).
-    """
+def kernel_profile(path: str | os.PathLike[str], *, table: KernelTable | str | None = None,
+                   layers: int | None = None) -> KernelProfile | None:
+    """The :class:`KernelProfile` of the trace at ``path``; None when it has no kernels or none
+    the table knows (an op-named trace)."""
     if isinstance(table, (str, os.PathLike)):
         table = DEEPSEEK_H800.extended(load_kernel_table(table))
     table = table or DEEPSEEK_H800
@@ -560,6 +554,35 @@ def profile_measurements(path: str | os.PathLike[str], *, table: KernelTable | s
     if not any(r.pattern.search(name) for name in {k.name for k in trace.kernels} for r in table.rules
                if r.match != "."):
         return None
-    prof = profile(trace, table, layers=layers)
-    return prof.measurements(groups=groups)
+    return profile(trace, table, layers=layers)
+
+
+def describe(prof: KernelProfile) -> str:
+    """Lines saying what the kernel trace held: streams, layers, and the unmodelled time."""
+    total = sum(m.kernel.dur_us for m in prof.kernels) * 1e-6
+    lines = [f"kernel trace ({prof.table}): {len(prof.kernels)} kernels, {total * 1e3:.2f} ms; "
+             f"compute streams {', '.join(map(str, prof.compute_streams))}, comm streams "
+             f"{', '.join(map(str, prof.comm_streams)) or 'none'}; layers {list(prof.layers)}"]
+    unmodelled = prof.unmodelled()
+    if unmodelled:
+        parts = ", ".join(f"{role} {s * 1e3:.2f} ms" for role, s in
+                          sorted(unmodelled.items(), key=lambda kv: -kv[1]))
+        lines.append(f"unmodelled kernel time (no op in the graph): {parts}")
+    for name, s in prof.unmapped_names(3):
+        lines.append(f"  unmapped: {s * 1e3:.2f} ms {name[:100]}")
+    return "\n".join(lines)
+
+
+def profile_measurements(path: str | os.PathLike[str], *, table: KernelTable | str | None = None,
+                         layers: int | None = None, groups: Mapping[str, str] | None = None
+                         ) -> list[Any] | None:
+    """Per-(layer, op) measurements of the kernel trace at ``path``; None when it has no
+    kernels or none the table knows (then it is an op-named trace, read as such).
+
+    table:  a :class:`KernelTable`, or the path of a user table whose rules go in front of the
+            shipped DeepSeek/H800 one.
+    groups: op renames applied before summing (e.g. MLA's fine ops -> ``attn``).
+    """
+    prof = kernel_profile(path, table=table, layers=layers)
+    return None if prof is None else prof.measurements(groups=groups)
 

@@ -43,6 +43,8 @@ class Scenario:
     requests:  prefill: prompts the tokens are spread over (default 4: DeepSeek's profiled
                4k-token prompts); decode: requests in the batch.
     context:   tokens already cached per request (default 0 prefill, 4096 decode).
+    query_len: decode: query tokens per request (1; k+1 with k MTP / speculative tokens:
+               DeepSeek decodes 2 per request).
     attention: the attention grain for every strategy; None: each strategy's own (``Strategy.grain``).
     comm_mode: ``normal`` or ``low_latency``; None: low latency for decode.
     """
@@ -63,6 +65,7 @@ class Scenario:
     comm_mode: str | None = None
     comm_share: float | None = None
     num_layers: int | None = None
+    query_len: int = attrs.field(default=1, validator=_positive)
 
     def __attrs_post_init__(self) -> None:
         if self.phase not in ("prefill", "decode"):
@@ -70,15 +73,21 @@ class Scenario:
         if self.context is not None and self.context < 0:
             raise ConfigError(f"'context' must be >= 0 (got {self.context})")
         if self.phase == "decode" and None not in (self.tokens, self.requests) and (
-                self.tokens != self.requests):
-            raise ConfigError(f"a decode step computes one token per request: 'tokens' ({self.tokens}) "
-                              f"must equal 'requests' ({self.requests})")
+                self.tokens != self.requests * self.query_len):
+            raise ConfigError(f"a decode step computes {self.query_len} token(s) per request: "
+                              f"'tokens' ({self.tokens}) must equal 'requests' ({self.requests}) "
+                              f"x 'query_len' ({self.query_len})")
+        if self.phase == "prefill" and self.query_len != 1:
+            raise ConfigError("'query_len' applies to decode (prefill queries are the prompts)")
 
     def batch(self) -> Batch:
         """The rank's batch: prompts sharing ``tokens``, or decode requests."""
         if self.phase == "decode":
-            count = self.requests or self.tokens or 256
-            return Batch.decode(count, 4096 if self.context is None else self.context)
+            count = self.requests or (self.tokens // self.query_len if self.tokens else 256)
+            context = 4096 if self.context is None else self.context
+            if self.query_len > 1:
+                return Batch.of([(self.query_len, context)] * count)
+            return Batch.decode(count, context)
         tokens = self.tokens or 16384
         requests = self.requests or min(4, tokens)
         if requests > tokens:
@@ -111,6 +120,8 @@ class Scenario:
         b = self.batch()
         if self.phase == "decode":
             what = f"decode of {len(b)} requests (context {b.requests[0].context_len})"
+            if self.query_len > 1:
+                what += f", {self.query_len} query tokens each"
         else:
             what = f"prefill of {b.tokens} tokens per rank ({len(b)} requests)"
         return (f"{self.model} on {get_hardware(self.hardware).name}: {what}, "
