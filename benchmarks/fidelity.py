@@ -37,7 +37,7 @@ from _common import run_main
 from overlap._atomic import write_json
 from overlap.backends.simulated import step_work
 from overlap.backends.timeline import Span, Timeline, covered, kernel_timeline, uncovered
-from overlap.cost import get_hardware
+from overlap.cost import fit_roles, get_hardware
 from overlap.cost.traces import KernelProfile, profile, read_kernel_trace
 from overlap.ops_graph.templates import ParallelConfig, build_model
 from overlap.plan import Batch, build_plan, split
@@ -74,12 +74,14 @@ def role_table(prof: KernelProfile, pred: dict[str, float], roles: dict[str, str
             out[roles[op]] += s / len(layers)
         return out
 
-    fit_on, test_on = per_role(train), per_role(test)
+    test_on = per_role(test)
+    measured_ops = {op for (_, op) in prof.op_seconds()}
     predicted: dict[str, float] = defaultdict(float)
     for op, s in pred.items():
-        if any(op == o for (_, o) in prof.op_seconds()):
+        if op in measured_ops:
             predicted[roles[op]] += s
-    factors = {r: fit_on[r] / predicted[r] for r in predicted if predicted[r] > 0 and fit_on[r] > 0}
+    factors = fit_roles({op: ("compute", s) for op, s in pred.items()}, prof.measurements(train),
+                        roles)
     rows = []
     for role in sorted(predicted, key=lambda r: -test_on[r]):
         p, m = predicted[role], test_on[role]

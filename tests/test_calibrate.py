@@ -176,3 +176,30 @@ def test_apply_refuses_an_efficiency_above_one():
     # h800's matrix_efficiency 0.70 (0.75 before issue 10's kernel data) / factor 0.1 = 7
     with pytest.raises(ConfigError, match=r"^calibrated 'matrix_efficiency' would be 7 > 1"):
         calibration.apply(HW)
+
+
+def test_a_comm_factor_below_one_corrects_the_bytes_model():
+    """Collectives measured at half the predicted time would need link efficiencies of 1.6 and
+    1.8 on h800: the factor goes into ``comm_bytes_factor`` (and the latencies) instead, so every
+    collective's predicted time halves exactly, and nothing is refused."""
+    calibration = fit({"combine": ("comm", 2.0)}, [Measurement("combine", 1.0)])
+    assert calibration.comm == 0.5
+    hw = calibration.apply(HW)
+    assert (hw.comm_bytes_factor, hw.inter_link_efficiency) == (0.5, HW.inter_link_efficiency)
+    for size, ep in ((2e8, 16), (4e8, 64), (1e6, 8)):
+        assert collective_time("all_to_all", size, ep, hw) == pytest.approx(
+            0.5 * collective_time("all_to_all", size, ep, HW))
+
+
+def test_fit_roles_gives_one_factor_per_role():
+    """Per role: measured over predicted summed over its ops (each op's median)."""
+    predicted = {"q_a": ("compute", 1.0), "q_b": ("compute", 3.0), "norm": ("compute", 1.0),
+                 "combine": ("comm", 2.0)}
+    measured = [Measurement("q_a", 2.0), Measurement("q_a", 4.0), Measurement("q_b", 5.0),
+                Measurement("norm", 5.0), Measurement("combine", 1.0)]
+    roles = {"q_a": "mla_matrix", "q_b": "mla_matrix"}
+    from overlap.cost import fit_roles
+
+    assert fit_roles(predicted, measured, roles) == {"mla_matrix": 2.0, "norm": 5.0, "combine": 0.5}
+    with pytest.raises(ConfigError, match=r"^no op names in common"):
+        fit_roles({"x": ("compute", 1.0)}, measured)

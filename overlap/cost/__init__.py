@@ -10,6 +10,7 @@ from overlap.cost.calibrate import (
     CalibrationRow,
     Measurement,
     fit,
+    fit_roles,
     load_measurements,
 )
 from overlap.cost.collectives import COLLECTIVES, collective_name, collective_time
@@ -27,6 +28,7 @@ __all__ = [
     "collective_name",
     "collective_time",
     "fit",
+    "fit_roles",
     "get_hardware",
     "load_measurements",
     "op_time",

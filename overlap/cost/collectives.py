@@ -67,6 +67,7 @@ def collective_time(
     n = group_size
     if n == 1:
         return 0.0
+    comm_bytes *= hw.comm_bytes_factor  # calibration's correction of the bytes model (default 1)
 
     nodes = math.ceil(n / hw.devices_per_node)
     per_node = n // nodes
