@@ -330,20 +330,13 @@ def test_steps_of_nearby_sizes_share_a_bucket() -> None:
 
 # -- per-microbatch metadata: most-derived build, one builder per microbatch, guard ---------------
 
-class _Slice:
-    def __init__(self, request_slice: slice, token_slice: slice) -> None:
-        self.request_slice, self.token_slice = request_slice, token_slice
-
-
 @pytest.fixture
 def fake_ubatch_utils(monkeypatch: pytest.MonkeyPatch):
-    """vLLM's ubatch_utils seam, faked: each microbatch's 'common metadata' is its slice."""
-    import types
+    """The common-metadata cut, faked: each microbatch's 'common metadata' is its token slice."""
+    from overlap.integrations.vllm import metadata
 
-    module = types.ModuleType("vllm.v1.worker.ubatch_utils")
-    module.UBatchSlice = _Slice
-    module.split_attn_metadata = lambda slices, common: [(common, s.token_slice) for s in slices]
-    monkeypatch.setitem(sys.modules, "vllm.v1.worker.ubatch_utils", module)
+    monkeypatch.setattr(metadata, "slice_common", lambda common, split: [
+        (common, slice(m.token_start, m.token_end)) for m in split.micro])
 
 
 class _BaseBuilder:

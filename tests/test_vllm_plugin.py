@@ -17,11 +17,16 @@ whole step's, and for a builder that fails on the adapter's clones (the step mus
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 from typing import Any
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
+from tests.strategies import batches
 from tests.vllm_engine import (
     BATCHES,
     LAYERS,
@@ -453,3 +458,42 @@ def test_builder_hook_reaches_subclass_builds_that_skip_super() -> None:
         metadata = builder.build(0, "common")
         pending = getattr(metadata, PENDING_ATTR)
         assert (pending.builder, pending.common) == (builder, "common")
+
+
+@pytest.mark.vllm
+@settings(max_examples=40, deadline=None)
+@given(batches(), st.integers(2, 4))
+def test_common_metadata_cut_equals_vllms_split_attn_metadata(batch: Any, n: int) -> None:
+    """``slice_common`` gives field for field what vLLM's ``split_attn_metadata`` gives for the
+    same request-boundary split (the adapter uses the cheaper one every step)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("vllm")
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+    from vllm.v1.worker.ubatch_utils import split_attn_metadata
+
+    from overlap.integrations.vllm.metadata import slice_common, ubatch_slices
+    from overlap.plan import split
+
+    planned = split(batch, n, min_tokens=1)
+    assume(planned.n == n)
+    requests = [(r.query_len, r.context_len) for r in batch.requests]
+    query = [q for q, _ in requests]
+    starts = torch.tensor([0, *itertools.accumulate(query)], dtype=torch.int32)
+    seq = torch.tensor([q + c for q, c in requests], dtype=torch.int32)
+    tokens = int(starts[-1])
+    common = CommonAttentionMetadata(
+        query_start_loc=starts.clone(), query_start_loc_cpu=starts, seq_lens=seq.clone(),
+        num_reqs=len(requests), num_actual_tokens=tokens, max_query_len=max(query),
+        max_seq_len=int(seq.max()), block_table_tensor=torch.arange(len(requests) * 3).view(-1, 3),
+        slot_mapping=torch.arange(tokens, dtype=torch.int64), seq_lens_cpu_upper_bound=seq)
+    theirs = split_attn_metadata(ubatch_slices(planned), common)
+    mine = slice_common(common, planned)
+    assert len(mine) == len(theirs) == n
+    for a, b in zip(mine, theirs):
+        for field in dataclasses.fields(b):
+            x, y = getattr(a, field.name), getattr(b, field.name)
+            if isinstance(y, torch.Tensor):
+                assert isinstance(x, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y), (
+                    field.name)
+            else:
+                assert x == y, field.name

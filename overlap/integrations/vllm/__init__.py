@@ -29,8 +29,10 @@ def stats(worker: Any) -> dict[str, Any]:
     Keys: ``steps_planned``, ``steps_<n>_microbatches``, ``op_<op>_mb<m>`` (op calls per
     microbatch), ``fallback_<why>``, ``executors_built``; plus ``strategy``, ``backend``,
     ``layers``, ``unsupported`` (why nothing is planned, "" if it is), ``replaced`` (wrapped vLLM
-    methods something replaced since) and ``host_ms`` (per planned step while timing: the
-    adapter's own host time, i.e. the forward minus its op calls, embedding and final norm).
+    methods something replaced since) and ``host_ms`` / ``host_cpu_ms`` (per planned step while
+    timing: the adapter's own host time, i.e. the forward minus its op calls, embedding and final
+    norm, in wall-clock and in the host thread's CPU time; with ``threads`` op calls on workers
+    overlap, so these are exact on ``inline`` only).
     Empty when the plugin is off in that worker.
     """
     adapter = _adapter(worker)
@@ -41,7 +43,8 @@ def stats(worker: Any) -> dict[str, Any]:
 
     out.update(strategy=adapter.config.strategy, backend=adapter.backend_name,
                layers=adapter.layer_count, unsupported=adapter.unsupported,
-               replaced=replaced_wrappers(), host_ms=list(adapter.host_ms))
+               replaced=replaced_wrappers(), host_ms=list(adapter.host_ms),
+               host_cpu_ms=list(adapter.host_cpu_ms))
     return out
 
 
@@ -72,6 +75,7 @@ def control(worker: Any, enabled: bool | None = None, backend: str | None = None
     if reset:
         adapter.stats.clear()
         adapter.host_ms.clear()
+        adapter.host_cpu_ms.clear()
     return True
 
 

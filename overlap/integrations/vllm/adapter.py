@@ -44,6 +44,7 @@ from overlap.plan.strategies import build_plan
 log = logging.getLogger("vllm.overlap")  # under vLLM's logger, so its handlers show it
 MAX_CACHED_EXECUTORS = 8  # shape buckets kept ready (least recently used evicted)
 MIN_BUCKET = 16  # microbatches up to this many tokens share one bucket
+MAX_CACHED_SPLITS = 256  # distinct query-length tuples whose split is kept
 
 
 def shape_bucket(planned: Split) -> tuple[int, ...]:
@@ -77,14 +78,19 @@ class DeepseekOverlap:
         self.stats: Counter[str] = Counter()
         self.unsupported = _unsupported(model, vllm_config)
         self.timing = False  # record per-step host time (see ``control``); off costs nothing
-        self.host_ms: list[float] = []  # per planned step, while timing
+        self.host_ms: list[float] = []  # per planned step, while timing: wall clock
+        self.host_cpu_ms: list[float] = []  # the same in the host thread's CPU time
         self._op_s = 0.0
+        self._op_cpu = 0.0
         self._builders = md_utils.BuilderPool()
+        self._splits: dict[tuple[int, ...], tuple[Split | None, str]] = {}
         self._logged: set[str] = set()
         self._local = threading.local()
         self._step: _Step | None = None
         self._host_thread = threading.get_ident()
         self._context = self._scope  # one object, so executors reuse their compiled closures
+        self._host_scopes: list[_HostScope] = []
+        self._count_keys: dict[tuple[str, int], str] = {}
         self._layers: tuple[Graph, ...] | None = None
         self._model_graph: ModelGraph | None = None
         self._templates: dict[tuple[int, ...], Plan] = {}
@@ -119,7 +125,7 @@ class DeepseekOverlap:
 
         if not is_forward_context_available():
             return self._fallback("context", "no forward context", stock, args)
-        start = time.perf_counter() if self.timing else 0.0
+        start, start_cpu = (time.perf_counter(), time.thread_time()) if self.timing else (0.0, 0.0)
         ctx = get_forward_context()
         if ctx.cudagraph_runtime_mode.name != "NONE":
             return self._fallback("cudagraph", "CUDA-graph capture/replay is not planned", stock, args)
@@ -145,15 +151,37 @@ class DeepseekOverlap:
             return self._fallback("error", self.unsupported, stock, args)
         if self.timing:
             self.host_ms.append((time.perf_counter() - start - self._op_s) * 1e3)
+            self.host_cpu_ms.append((time.thread_time() - start_cpu - self._op_cpu) * 1e3)
         return hidden
 
     def _decide(self, ctx: Any, positions: Any) -> tuple[Split | None, str, dict[int, Any]]:
-        """This step's split, agreed across data-parallel ranks, or None and why not."""
-        batch, reason, pendings = self._local_batch(ctx, positions)
+        """This step's split, agreed across data-parallel ranks, or None and why not.
+
+        Without data parallelism the split is cached by the requests' query lengths: it
+        balances tokens, so steps with the same query lengths (every decode step of the same
+        requests) split the same way. The cached Split keeps the context lengths of the step
+        that made it; the adapter reads only its request and token ranges.
+        """
+        common, reason, pendings = self._step_common(ctx, positions)
+        if common is not None and not (self.dp > 1 and self.config.microbatches > 1):
+            key = tuple(common.query_start_loc_cpu[: common.num_reqs + 1].tolist())
+            hit = self._splits.get(key)
+            if hit is None:
+                batch = md_utils.batch_of(common)
+                hit = (decide_split(batch, self.config, self.dp, self._all_reduce_min)
+                       if batch is not None else (None, "a request has no new token"))
+                if len(self._splits) >= MAX_CACHED_SPLITS:
+                    self._splits.clear()
+                self._splits[key] = hit
+            return hit[0], hit[1], pendings
+        batch = md_utils.batch_of(common) if common is not None else None
+        if common is not None and batch is None:
+            reason = "a request has no new token"
         planned, why = decide_split(batch, self.config, self.dp, self._all_reduce_min)
         return planned, why or reason, pendings
 
-    def _local_batch(self, ctx: Any, positions: Any) -> tuple[Batch | None, str, dict[int, Any]]:
+    def _step_common(self, ctx: Any, positions: Any) -> tuple[Any, str, dict[int, Any]]:
+        """The step's CommonAttentionMetadata and pending builds, or None and why not."""
         amd = ctx.attn_metadata
         if not isinstance(amd, dict) or not amd:
             return None, "no attention metadata (profile or dummy run)", {}
@@ -164,10 +192,7 @@ class DeepseekOverlap:
         common = next(iter(pendings.values())).common
         if positions.shape[0] != common.num_actual_tokens:
             return None, f"padded batch ({positions.shape[0]} rows for {common.num_actual_tokens} tokens)", {}
-        batch = md_utils.batch_of(common)
-        if batch is None:
-            return None, "a request has no new token", {}
-        return batch, "", pendings
+        return common, "", pendings
 
     def _contexts(self, ctx: Any, planned: Split, pendings: dict[int, Any]
                   ) -> tuple[list[Any], list[list[Any]]]:
@@ -190,7 +215,7 @@ class DeepseekOverlap:
         bounds = [(m.token_start, m.token_end) for m in planned.micro]
         self._step = _Step(contexts, [positions[a:b] for a, b in bounds], prefill)
         self._host_thread = threading.get_ident()
-        self._op_s = 0.0
+        self._op_s = self._op_cpu = 0.0
         # The executor's plan keeps the split it was built for (its bucket's first); map each
         # of its microbatch row ranges to this step's.
         rows = {(m.token_start, m.token_end): bound
@@ -200,10 +225,9 @@ class DeepseekOverlap:
             a, b = rows[(start, end)]
             return value[a:b]
 
-        timed = time.perf_counter() if self.timing else 0.0
+        clock = self._clock()
         hidden = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
-        if self.timing:  # the embedding and final norm are the stock forward's work too
-            self._op_s += time.perf_counter() - timed
+        self._count_op(clock)  # the embedding and final norm are the stock forward's work too
         try:
             out = executor.run({INPUTS[0]: hidden, INPUTS[1]: hidden}, layers=self._layers,
                                take=take, context=self._context)
@@ -215,11 +239,19 @@ class DeepseekOverlap:
                 ctx.moe_layer_index = max(c.moe_layer_index for c in contexts)
         self.stats["steps_planned"] += 1
         self.stats[f"steps_{planned.n}_microbatches"] += 1
-        timed = time.perf_counter() if self.timing else 0.0
+        clock = self._clock()
         hidden, _ = model.norm(out["hidden_out"], out["residual_out"])
-        if self.timing:
-            self._op_s += time.perf_counter() - timed
+        self._count_op(clock)
         return hidden
+
+    def _clock(self) -> tuple[float, float] | None:
+        return (time.perf_counter(), time.thread_time()) if self.timing else None
+
+    def _count_op(self, clock: tuple[float, float] | None) -> None:
+        """Add the time since ``clock`` to the step's op time (model work, not added time)."""
+        if clock is not None:
+            self._op_s += time.perf_counter() - clock[0]
+            self._op_cpu += time.thread_time() - clock[1]
 
     # -- plans and executors ----------------------------------------------------------------------
 
@@ -275,8 +307,15 @@ class DeepseekOverlap:
     def _scope(self, micro: int) -> Any:
         """The executor's ``context(m)``: tells the ops (on whatever thread) their microbatch.
 
+        On the host thread ops run one at a time, so one reusable scope per microbatch serves
+        (it is entered for every op call: a new object each time costs measurable host time).
         Off the host thread it also enters inference mode, which torch keeps per thread.
         """
+        if threading.get_ident() == self._host_thread:
+            scopes = self._host_scopes
+            while len(scopes) <= micro:
+                scopes.append(_HostScope(self, len(scopes)))
+            return scopes[micro]
         return _Micro(self, micro)
 
     def micro(self) -> int:
@@ -288,7 +327,12 @@ class DeepseekOverlap:
         return self._step
 
     def count(self, op: str) -> None:
-        self.stats[f"op_{op}_mb{self._local.micro}"] += 1
+        """Count one call of ``op`` for the running microbatch (``stats``'s ``op_<op>_mb<m>``)."""
+        key = (op, self._local.micro)
+        name = self._count_keys.get(key)
+        if name is None:
+            name = self._count_keys[key] = f"op_{op}_mb{key[1]}"
+        self.stats[name] += 1
 
     # -- data parallel ------------------------------------------------------------------------------
 
@@ -352,6 +396,26 @@ def decide_split(batch: Batch | None, config: OverlapConfig, dp: int,
     return planned, ""
 
 
+class _HostScope:
+    """:class:`_Micro` for ops on the host thread: reused, no inference-mode switch."""
+
+    __slots__ = ("adapter", "micro", "clock")
+
+    def __init__(self, adapter: DeepseekOverlap, micro: int) -> None:
+        self.adapter, self.micro, self.clock = adapter, micro, None
+
+    def __enter__(self) -> None:
+        adapter = self.adapter
+        adapter._local.micro = self.micro
+        if adapter.timing:
+            self.clock = adapter._clock()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.clock is not None:
+            clock, self.clock = self.clock, None
+            self.adapter._count_op(clock)
+
+
 class _Micro:
     """Sets the running thread's microbatch for the duration of one op call.
 
@@ -359,10 +423,10 @@ class _Micro:
     on the ``inline`` backend; with ``threads`` concurrent ops overlap, so it over-counts).
     """
 
-    __slots__ = ("adapter", "micro", "mode", "start")
+    __slots__ = ("adapter", "micro", "mode", "clock")
 
     def __init__(self, adapter: DeepseekOverlap, micro: int) -> None:
-        self.adapter, self.micro, self.mode, self.start = adapter, micro, None, 0.0
+        self.adapter, self.micro, self.mode, self.clock = adapter, micro, None, None
 
     def __enter__(self) -> None:
         adapter = self.adapter
@@ -373,11 +437,12 @@ class _Micro:
             self.mode = torch.inference_mode()
             self.mode.__enter__()
         if adapter.timing:
-            self.start = time.perf_counter()
+            self.clock = adapter._clock()
 
     def __exit__(self, *exc: object) -> None:
-        if self.adapter.timing:
-            self.adapter._op_s += time.perf_counter() - self.start
+        if self.clock is not None:
+            clock, self.clock = self.clock, None
+            self.adapter._count_op(clock)
         if self.mode is not None:
             mode, self.mode = self.mode, None
             mode.__exit__(*exc)
