@@ -31,8 +31,10 @@ from tests.vllm_engine import (
     BATCHES,
     LAYERS,
     LOGPROB_ATOL,
+    LONG_PROMPT,
     MODEL,
     attention_backend_name,
+    generate,
     has_amx,
     make_llm,
     max_logprob_diff,
@@ -81,8 +83,13 @@ def _modes(llm: Any, modes: list[str], out: dict, batches: list = BATCHES) -> No
         on = mode != "off"
         llm.collective_rpc(control, kwargs={"enabled": on, "reset": True,
                                             "backend": mode if on else None})
-        out[mode] = run_batches(llm, batches)
-        out[mode]["stats"] = llm.collective_rpc(stats)
+        out[mode] = result = {"planned": {}}
+        for name, lengths, tokens in batches:  # and how many steps of each batch were planned
+            before = llm.collective_rpc(stats)[0].get("steps_planned", 0) if on else 0
+            result[name] = generate(llm, lengths, tokens)
+            if on:
+                result["planned"][name] = llm.collective_rpc(stats)[0]["steps_planned"] - before
+        result["stats"] = llm.collective_rpc(stats)
 
 
 def default_engine(spec: dict) -> dict:
@@ -290,6 +297,16 @@ def test_tokens_and_logprobs_match_the_stock_forward(default: dict, backend: str
                                                      ) -> None:
     """Greedy tokens equal the stock forward's; every logprob is within the bf16 tolerance."""
     _same(default[backend], default["off"], batch)
+
+
+@pytest.mark.parametrize("backend", ["inline", "threads"])
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_every_batch_was_planned(default: dict, backend: str) -> None:
+    """Steps of every batch ran planned, the > 512-token prompt's batch included (the adapter
+    splits at request boundaries: that prompt is one microbatch, its neighbours the other)."""
+    assert LONG_PROMPT > 512 and len(default[backend]["long"]["prompt_logprobs"][0]) == LONG_PROMPT
+    assert all(default[backend]["planned"][name] > 0 for name in BATCH_NAMES), default[backend]
 
 
 @pytest.mark.parametrize("backend", ["inline", "threads"])
