@@ -39,6 +39,7 @@ from overlap.errors import ConfigError
 
 RULE_KINDS = ("compute", "comm", "notify")
 RUNTIME_CATS = ("cuda_runtime", "cuda_driver", "runtime", "cuda_launch")
+MAX_ANCHORS = 32  # kernel names tried as the layer boundary of an un-annotated trace
 
 
 class NoKernelsError(ConfigError):
@@ -358,15 +359,18 @@ def _periodic_segments(trace: KernelTrace, layers: int, compute: set[Any]) -> li
     """Layer index of each kernel, cutting the compute stream at a kernel that repeats once (or
     n times) per layer, chosen so the periods are as alike as possible; kernels before the first
     cut (and comm kernels that start before it) are None."""
-    seq = [(i, k) for i, k in enumerate(trace.kernels) if k.stream in compute]
-    names = [k.name for _, k in seq]
-    counts = Counter(names)
+    seq = [k for k in trace.kernels if k.stream in compute]
+    names = [k.name for k in seq]
+    positions: dict[str, list[int]] = defaultdict(list)
+    for p, name in enumerate(names):
+        positions[name].append(p)
+    # Candidates: names repeating a multiple of ``layers`` times, earliest first; a few suffice
+    # (the first kernel of a layer is among the earliest), and each costs one pass.
+    candidates = sorted((pos for pos in positions.values() if len(pos) % layers == 0),
+                        key=lambda pos: pos[0])[:MAX_ANCHORS]
     best: tuple[float, int, list[int]] | None = None
-    for name, count in counts.items():
-        if count % layers:
-            continue
-        per = count // layers
-        where = [p for p, n in enumerate(names) if n == name][::per]
+    for pos in candidates:
+        where = pos[::len(pos) // layers]
         periods = [tuple(names[a:b]) for a, b in zip(where, [*where[1:], len(names)])]
         alike = Counter(periods).most_common(1)[0][1] / layers
         score = (alike, -where[0])
@@ -375,7 +379,7 @@ def _periodic_segments(trace: KernelTrace, layers: int, compute: set[Any]) -> li
     if best is None:
         raise ConfigError(f"cannot segment the trace into {layers} layers: no kernel on the compute "
                           f"stream repeats a multiple of {layers} times")
-    cuts = [seq[p][1].start_us for p in best[2]]
+    cuts = [seq[p].start_us for p in best[2]]
     return [None if k.start_us < cuts[0] else bisect.bisect_right(cuts, k.start_us) - 1
             for k in trace.kernels]
 
