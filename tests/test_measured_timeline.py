@@ -216,3 +216,17 @@ def test_torch_streams_times_with_timing_events_on_the_steps_stream() -> None:
     assert len(timed) == 1 + 2 * len(plan.steps)  # the origin, then before and after each step
     comm = plan.streams.index(next(s for s in plan.streams if s.kind == "comm"))
     assert timed[1] == (f"s{comm}", True)  # the first step (a send) is timed on the comm stream
+
+
+def test_recording_issues_exactly_what_an_unrecorded_run_issues():
+    """Host-clock recording only wraps the op calls: the backend sees the same submits, records
+    and waits in the same order, and the outputs are the same."""
+    from overlap.backends.recording import RecordingBackend
+
+    plan = build_plan("sglang_tbo", two_layer_model(), split(Batch.prefill(4, 2), 2))
+    logs = []
+    for record in (False, True):
+        backend = RecordingBackend()
+        assert Executor(plan, backend, record=record).run({"x": [1, 2, 3, 4]}) == {"z": [3, 4, 5, 6]}
+        logs.append(backend.lines())
+    assert logs[0] == logs[1]

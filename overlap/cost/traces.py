@@ -401,7 +401,7 @@ class KernelProfile:
     """A trace's kernels mapped onto a layer's ops.
 
     kernels:        every kernel, in start order, with its mapping.
-    compute_streams / comm_streams: stream ids by what mostly runs on them.
+    compute_streams / comm_streams: stream ids by what mostly runs on them, busiest first.
     layers:         the layer indices found.
     """
 
@@ -479,8 +479,10 @@ def profile(trace: KernelTrace, table: KernelTable = DEEPSEEK_H800, *,
         plain = next((r for r in by_name[k.name] if r.segment is None and r.nth is None), None)
         if plain is not None and plain.kind != "compute":
             comm_time[k.stream] += k.dur_us
-    comm = tuple(sorted((s for s in total if comm_time[s] > 0.5 * total[s]), key=str))
-    compute = tuple(sorted((s for s in total if s not in comm), key=str))
+    # Busiest first: the main compute stream leads (its lanes come first in reports).
+    comm = tuple(sorted((s for s in total if comm_time[s] > 0.5 * total[s]),
+                        key=lambda s: (-total[s], str(s))))
+    compute = tuple(sorted((s for s in total if s not in comm), key=lambda s: (-total[s], str(s))))
 
     segments: Sequence[str | None]
     layer_of: list[int | None]
