@@ -266,7 +266,9 @@ def _why(r: dict) -> str:
         return ("one microbatch, the MoE chain in chunks of experts: each chunk's combine "
                 f"overlaps the next chunk's experts, no weight is read twice ({exposed})")
     if r["microbatches"]["auto"] == 1:
-        return f"one microbatch: no second read of the expert weights ({exposed})"
+        return ("one microbatch on two streams: the shared experts run under the batch's own "
+                "dispatch, with no second read of the expert weights and no halved GEMMs "
+                f"({exposed})")
     if r["microbatches"]["auto"] > 2:
         return f"{r['microbatches']['auto']} microbatches: finer pipelining ({exposed})"
     return f"an order the named strategies lack for this graph ({exposed})"
