@@ -321,6 +321,8 @@ CLI_CASES = [
     ("all-gather MoE at tp 1", ["simulate", "--ep", "1", "--moe-comm", "all_gather"], {},
      "'moe_comm' all_gather gathers tokens over the tp group and needs tp > 1"),
     ("zero tokens", ["graph", "--tokens", "0"], {}, "'--tokens' must be >= 1 (got 0)"),
+    ("a billion requests", ["simulate", "--tokens", "2000000000", "--requests", "1000000000"], {},
+     "'requests' must be <= 16777216 (got 1000000000)"),
     ("--json equal to -o", ["trace", "--strategy", "sequential", "-o", "t.json", "--json",
                             "t.json"], {}, "'--json' and '-o' both name 't.json'"),
     ("output under a file", ["trace", "--strategy", "sequential", "-o", "f/t.json"], {"f": ""},
@@ -471,6 +473,17 @@ def test_large_prefill_benchmark_runs(tmp_path):
     assert run.returncode == 0, run.stderr
     rows = json.loads(out.read_text())["rows"]
     assert [r["strategy"] for r in rows] == ["sequential", "all"] and rows[1]["best"].startswith("best:")
+
+
+def test_batch_size_is_capped():
+    """More than MAX_REQUESTS requests is one ConfigError (checked before building them)."""
+    from overlap.plan import Batch
+    from overlap.plan.batch import MAX_REQUESTS
+
+    for build in (lambda: Batch.decode(MAX_REQUESTS + 1, 10),
+                  lambda: Batch.prefill(2 * MAX_REQUESTS, MAX_REQUESTS + 1)):
+        with pytest.raises(ConfigError, match=f"{MAX_REQUESTS}"):
+            build()
 
 
 def test_million_request_batch_shares_request_objects():

@@ -16,6 +16,15 @@ import attrs
 from overlap.errors import ConfigError
 from overlap.ops_graph.shape import Shape
 
+MAX_REQUESTS = 1 << 24
+"""The most requests one step's batch may hold (16.7M): a million-request prefill plans in
+seconds, while a billion would exhaust memory before any error could be reported."""
+
+
+def _check_count(requests: int) -> None:
+    if requests > MAX_REQUESTS:
+        raise ConfigError(f"'requests' must be <= {MAX_REQUESTS} (got {requests})")
+
 
 @attrs.frozen
 class Request:
@@ -53,7 +62,9 @@ class Batch:
         Requests are immutable values, so equal pairs share one :class:`Request`: a batch of a
         million requests of a few lengths builds a few objects.
         """
-        pairs = list(map(tuple, lengths))
+        pairs = list(map(tuple, itertools.islice(lengths, MAX_REQUESTS + 1)))
+        if len(pairs) > MAX_REQUESTS:
+            raise ConfigError(f"a batch holds at most {MAX_REQUESTS} requests (got more)")
         made = {}
         for pair in set(pairs):
             if len(pair) != 2:
@@ -64,6 +75,7 @@ class Batch:
     @classmethod
     def prefill(cls, tokens: int, requests: int = 1) -> Batch:
         """``requests`` fresh prompts sharing ``tokens`` evenly (the remainder on the first ones)."""
+        _check_count(requests)
         if requests < 1 or tokens < requests:
             raise ConfigError(
                 f"a prefill needs 1 <= requests <= tokens (got tokens={tokens}, requests={requests})"
@@ -76,6 +88,7 @@ class Batch:
         """``requests`` decode requests, one new token each after ``context`` cached tokens."""
         if requests < 1:
             raise ConfigError(f"'requests' must be >= 1 (got {requests})")
+        _check_count(requests)
         return cls.of([(1, context)] * requests)
 
     @property

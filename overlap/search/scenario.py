@@ -23,6 +23,7 @@ from overlap.ops_graph.graph import ModelGraph
 from overlap.ops_graph.op import OpKind
 from overlap.ops_graph.shape import Shape
 from overlap.plan import STRATEGIES, Batch, Plan, Split, build_plan, split
+from overlap.plan.batch import MAX_REQUESTS
 from overlap.report.metrics import Metrics, metrics
 from overlap.search.choice import search
 
@@ -92,6 +93,8 @@ class Scenario:
         requests = self.requests or min(4, tokens)
         if requests > tokens:
             raise ConfigError(f"'requests' ({requests}) must be <= 'tokens' ({tokens}) in prefill")
+        if requests > MAX_REQUESTS:  # before a billion pairs are generated
+            raise ConfigError(f"'requests' must be <= {MAX_REQUESTS} (got {requests})")
         base, extra = divmod(tokens, requests)
         return Batch.of((base + (i < extra), self.context or 0) for i in range(requests))
 
