@@ -73,6 +73,7 @@ class DeepseekOverlap:
         self.config = config
         self.backend_name = config.backend_for(current_platform.device_type)
         self.tp = get_tensor_model_parallel_world_size()
+        self.ep = _ep_group(vllm_config)
         self.dp = vllm_config.parallel_config.data_parallel_size
         self.enabled = True
         self.stats: Counter[str] = Counter()
@@ -287,20 +288,49 @@ class DeepseekOverlap:
         from overlap.integrations.vllm.ops import bind_layer, moe_reduce_is_deferrable
 
         layers = list(self.model.layers[self.model.start_layer:self.model.end_layer])
+        forms = [self._moe_form(layer) for layer in layers]
         if self.tp > 1:
-            for layer in layers:
-                reason = "" if _is_dense(layer) else moe_reduce_is_deferrable(layer.mlp)
+            for layer, form in zip(layers, forms):
+                reason = moe_reduce_is_deferrable(layer.mlp) if form == "coarse" else ""
                 if reason:
                     return reason
-        shared: dict[bool, Graph] = {}
-        bound = []
-        for i, layer in enumerate(layers):
-            moe = not _is_dense(layer)
-            graph = shared.setdefault(moe, layer_graph(moe=moe, tp=self.tp))
-            bound.append(bind_layer(self, graph, layer, first=i == 0))
+        shared: dict[tuple[str, bool], Graph] = {}
+        graphs, bound = [], []
+        for i, (layer, form) in enumerate(zip(layers, forms)):
+            has_shared = getattr(layer.mlp, "shared_experts", None) is not None
+            ep = self.ep[0] if form == "split" else 1
+            graph = shared.setdefault((form, has_shared), layer_graph(
+                moe=form, tp=self.tp, ep=ep, shared=has_shared))
+            ops = self._moe_ops(layer) if form == "split" else None
+            graphs.append(graph)
+            bound.append(bind_layer(self, graph, layer, first=i == 0, moe_ops=ops))
         self._layers = tuple(bound)
-        self._model_graph = ModelGraph("deepseek", [shared[not _is_dense(la)] for la in layers])
+        self._model_graph = ModelGraph("deepseek", graphs)
         return ""
+
+    def _moe_form(self, layer: Any) -> str:
+        """``dense``, ``split`` or ``coarse`` (the reason logged once) for one decoder layer."""
+        from overlap.integrations.vllm.moe import split_reason
+
+        if _is_dense(layer):
+            return "dense"
+        if self.config.moe == "coarse":
+            return "coarse"
+        reason = split_reason(layer.mlp, ep_size=self.ep[0], dp_size=self.dp)
+        if reason:
+            if reason not in self._logged:
+                self._logged.add(reason)
+                log.info("overlap: MoE layers keep one coarse 'experts' op (%s)", reason)
+            self.stats["moe_coarse_layers"] += 1
+            return "coarse"
+        self.stats["moe_split_layers"] += 1
+        return "split"
+
+    def _moe_ops(self, layer: Any) -> dict[str, Any]:
+        from overlap.integrations.vllm.moe import bind_moe
+
+        size, rank, group = self.ep
+        return bind_moe(self, layer, ep_size=size, ep_rank=rank, ep_group=group)
 
     # -- what the bound ops use -------------------------------------------------------------------
 
@@ -446,6 +476,18 @@ class _Micro:
         if self.mode is not None:
             mode, self.mode = self.mode, None
             mode.__exit__(*exc)
+
+
+def _ep_group(vllm_config: Any) -> tuple[int, int, Any]:
+    """(size, rank, process group) of vLLM's expert-parallel group; (1, 0, None) without EP."""
+    if not vllm_config.parallel_config.enable_expert_parallel:
+        return 1, 0, None
+    from vllm.distributed.parallel_state import get_ep_group
+
+    group = get_ep_group()
+    if group.world_size == 1:
+        return 1, 0, None
+    return group.world_size, group.rank_in_group, group.device_group
 
 
 def _is_dense(layer: Any) -> bool:

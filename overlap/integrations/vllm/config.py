@@ -31,9 +31,10 @@ DEFAULT_MIN_TOKENS = 16
 UNSUPPORTED_STRATEGIES = {"auto": "the adapter's ops carry no cost figures to search on and it "
                                   "splits only at request boundaries"}
 KEYS = ("enabled", "strategy", "microbatches", "min_tokens", "max_imbalance", "backend", "hardware",
-        "best_effort")
+        "best_effort", "moe", "trace")
 # The vLLM releases the adapter was run against (it patches private seams of these versions).
 TESTED_VLLM = ((0, 32), (0, 33))  # >= 0.32, < 0.33
+MOE_CHOICES = ("split", "coarse")
 
 
 @attrs.frozen
@@ -52,6 +53,11 @@ class OverlapConfig:
                    once the adapter supports it); no supported strategy reads it yet.
     best_effort:   an engine the plugin cannot serve (see :func:`check_engine`) runs with the
                    plugin off and a logged warning instead of failing at start-up.
+    moe:           ``split`` (default): MoE layers whose kernel is modular run as gate, dispatch,
+                   experts, combine, shared and merge ops; ``coarse``: one op per MoE block.
+    trace:         a file path: the first planned step is written there as a Perfetto (Chrome
+                   JSON) trace of its recorded spans, one file per worker (``.rankN`` added
+                   when there are several), atomically.
     """
 
     enabled: bool = True
@@ -62,6 +68,8 @@ class OverlapConfig:
     backend: str = "auto"
     hardware: str | None = None
     best_effort: bool = False
+    moe: str = "split"
+    trace: str | None = None
 
     def backend_for(self, device_type: str) -> str:
         """The executor backend to use on a platform whose torch device type is ``device_type``."""
@@ -123,8 +131,14 @@ def parse(values: Mapping[str, Any]) -> OverlapConfig:
     best_effort = values.get("best_effort", False)
     if not isinstance(best_effort, bool):
         raise ConfigError(f"'best_effort' must be true or false (got {best_effort!r})")
+    moe = values.get("moe", "split")
+    if moe not in MOE_CHOICES:
+        raise ConfigError(f"'moe' must be one of {', '.join(MOE_CHOICES)} (got {moe!r})")
+    trace = values.get("trace")
+    if trace is not None and (not isinstance(trace, str) or not trace):
+        raise ConfigError(f"'trace' must be a file path (got {trace!r})")
     return OverlapConfig(enabled, strategy, micro, min_tokens, float(imbalance), backend, hardware,
-                         best_effort)
+                         best_effort, moe, trace)
 
 
 def _json(text: str) -> Any:

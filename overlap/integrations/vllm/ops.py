@@ -2,7 +2,8 @@
 
 Nothing here re-implements the model: each op calls the module vLLM's forward would call, in
 the same order, on one microbatch's rows, inside that microbatch's forward context. The only
-change is where the tensor-parallel all-reduces happen (deferred into their own ops).
+change is where the tensor-parallel all-reduces happen (deferred into their own ops). A split
+MoE layer's ops come from ``moe``.
 """
 
 from __future__ import annotations
@@ -13,10 +14,18 @@ from typing import Any
 from overlap.ops_graph.graph import Graph
 
 
-def bind_layer(adapter: Any, graph: Graph, layer: Any, *, first: bool) -> Graph:
-    """``graph`` bound to ``layer``'s modules; ``first`` marks layer 0 (no residual yet)."""
-    fns = {"attn": _attn(adapter, layer, first), "post_norm": _post_norm(adapter, layer)}
-    fns["experts" if "experts" in graph else "mlp"] = _ffn(adapter, layer)
+def bind_layer(adapter: Any, graph: Graph, layer: Any, *, first: bool,
+               moe_ops: dict[str, Any] | None = None) -> Graph:
+    """``graph`` bound to ``layer``'s modules; ``first`` marks layer 0 (no residual yet).
+
+    moe_ops: the split MoE ops' callables (``moe.bind_moe``) when ``graph`` has them.
+    """
+    fns = {"attn": _attn(adapter, layer, first)}
+    if moe_ops is not None:
+        fns.update(moe_ops)
+    else:
+        fns["post_norm"] = _post_norm(adapter, layer)
+        fns["experts" if "experts" in graph else "mlp"] = _ffn(adapter, layer)
     if "attn_allreduce" in graph:
         fns["attn_allreduce"] = _all_reduce(adapter, "attn_allreduce")
         fns["ffn_allreduce"] = _all_reduce(adapter, "ffn_allreduce")
