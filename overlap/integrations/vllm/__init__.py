@@ -28,7 +28,8 @@ def stats(worker: Any) -> dict[str, Any]:
 
     Keys: ``steps_planned``, ``steps_<n>_microbatches``, ``op_<op>_mb<m>`` (op calls per
     microbatch), ``fallback_<why>``, ``executors_built``; plus ``strategy``, ``backend``,
-    ``layers``, ``unsupported`` (why nothing is planned, "" if it is), ``replaced`` (wrapped vLLM
+    ``layers``, ``moe_forms`` (per decoder layer ``dense``, ``split`` or ``coarse``: see
+    docs/vllm.md), ``unsupported`` (why nothing is planned, "" if it is), ``replaced`` (wrapped vLLM
     methods something replaced since) and ``host_ms`` / ``host_cpu_ms`` (per planned step while
     timing: the adapter's own host time, i.e. the forward minus its op calls, embedding and final
     norm, in wall-clock and in the host thread's CPU time; with ``threads`` op calls on workers
@@ -42,7 +43,8 @@ def stats(worker: Any) -> dict[str, Any]:
     from overlap.integrations.vllm.plugin import replaced_wrappers
 
     out.update(strategy=adapter.config.strategy, backend=adapter.backend_name,
-               layers=adapter.layer_count, unsupported=adapter.unsupported,
+               layers=adapter.layer_count, moe_forms=list(adapter.moe_forms),
+               unsupported=adapter.unsupported,
                replaced=replaced_wrappers(), host_ms=list(adapter.host_ms),
                host_cpu_ms=list(adapter.host_cpu_ms))
     return out

