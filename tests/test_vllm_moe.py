@@ -15,6 +15,7 @@ Engines run in subprocesses with a timeout (``tests/vllm_engine.py``).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,11 @@ def engine(spec: dict) -> dict:
             result[name] = generate(llm, lengths, max_tokens)
         result["stats"] = llm.collective_rpc(stats)
         out[mode] = result
+    if spec.get("record"):  # spans of every planned step on the threads backend
+        llm.collective_rpc(control, kwargs={"enabled": True, "reset": True, "backend": "threads",
+                                            "record": True})
+        generate(llm, *BATCHES[1][1:])
+        out["recorded"] = llm.collective_rpc(stats)
     out["layers"] = llm.collective_rpc(check_moe_layers)  # last: it re-draws the MoE weights
     return out
 
@@ -207,8 +213,11 @@ def tp2(tmp_path_factory: pytest.TempPathFactory) -> dict:
 @pytest.fixture(scope="module")
 def ep2(tmp_path_factory: pytest.TempPathFactory) -> dict:
     pytest.importorskip("vllm")
-    spec = {"tp": 2, "ep": True, "overlap": OVERLAP, "modes": ["off", "threads", "inline"]}
-    return _run(tmp_path_factory.mktemp("moe"), spec)
+    tmp = tmp_path_factory.mktemp("moe")
+    overlap = {**OVERLAP, "trace": str(tmp / "step.json")}
+    spec = {"tp": 2, "ep": True, "overlap": overlap, "modes": ["off", "threads", "inline"],
+            "record": True}
+    return {**_run(tmp, spec), "trace": tmp / "step.json"}
 
 
 def assert_matches(ref: dict, got: dict, what: str) -> None:
@@ -269,3 +278,24 @@ def test_expert_parallel_engine_matches_the_stock_forward(ep2: dict, backend: st
     for stats in ep2[backend]["stats"]:
         assert stats["moe_forms"] == ["dense", "split", "split"], stats
         _ops_ran(stats, (*MOE_OPS, "attn_allreduce", "ffn_allreduce"))
+
+
+def test_trace_of_one_real_step_is_written_per_rank(ep2: dict) -> None:
+    """``{"trace": PATH}``: each EP rank writes one planned step as a Perfetto trace."""
+    for rank in (0, 1):
+        path = Path(f"{ep2['trace']}.rank{rank}")
+        events = json.loads(path.read_text())["traceEvents"]
+        spans = {(e["name"], e["args"]["layer"], e["args"]["micro"]) for e in events
+                 if e["ph"] == "X"}
+        for layer in (1, 2):
+            for op in (*MOE_OPS, "attn", "attn_allreduce", "ffn_allreduce"):
+                for m in (0, 1):
+                    assert (op, layer, m) in spans, f"rank {rank}: no span {op}({m})@{layer}"
+
+
+def test_recorded_spans_measure_collective_time_under_compute(ep2: dict) -> None:
+    """With ``record`` every planned step's collective time and its overlapped share are kept."""
+    for stats in ep2["recorded"]:
+        assert stats["recorded_steps"] == stats["steps_planned"] > 0, stats
+        assert 0 < stats["comm_s"] < stats["step_s"], stats
+        assert 0 <= stats["comm_overlapped_s"] <= stats["comm_s"], stats

@@ -51,11 +51,13 @@ def stats(worker: Any) -> dict[str, Any]:
 
 
 def control(worker: Any, enabled: bool | None = None, backend: str | None = None,
-            reset: bool = False, timing: bool | None = None) -> bool:
+            reset: bool = False, timing: bool | None = None, record: bool | None = None) -> bool:
     """Switch a configured plugin at run time in one worker: ``llm.collective_rpc(control,
     kwargs={"enabled": False})`` runs the stock forward until re-enabled; ``backend`` changes the
     executor backend; ``reset`` zeroes the counters; ``timing`` records each planned step's host
-    time (``stats``'s ``host_ms``). Returns whether the worker has an adapter.
+    time (``stats``'s ``host_ms``); ``record`` times every op span of each planned step and adds
+    ``recorded_steps``, ``step_s``, ``comm_s`` and ``comm_overlapped_s`` (collective time that ran
+    concurrently with compute) to ``stats``. Returns whether the worker has an adapter.
 
     Lets one engine compare plugin on and off (tests, benchmarks) without a second start-up.
     """
@@ -74,6 +76,8 @@ def control(worker: Any, enabled: bool | None = None, backend: str | None = None
         adapter.set_backend(backend)
     if timing is not None:
         adapter.timing = bool(timing)
+    if record is not None:
+        adapter.record = bool(record)
     if reset:
         adapter.stats.clear()
         adapter.host_ms.clear()

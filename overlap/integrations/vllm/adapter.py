@@ -79,6 +79,8 @@ class DeepseekOverlap:
 
             fix_cpu_expert_map()  # else the stock forward (fallbacks, plugin off) is wrong
         self.moe_forms: tuple[str, ...] = ()  # per bound decoder layer: dense | split | coarse
+        self.record = False  # time every op span (control(record=True)); see spans.py
+        self._trace = config.trace  # written once, by the first planned step
         self.dp = vllm_config.parallel_config.data_parallel_size
         self.enabled = True
         self.stats: Counter[str] = Counter()
@@ -100,7 +102,7 @@ class DeepseekOverlap:
         self._layers: tuple[Graph, ...] | None = None
         self._model_graph: ModelGraph | None = None
         self._templates: dict[tuple[int, ...], Plan] = {}
-        self._executors: OrderedDict[tuple[int, ...], Executor] = OrderedDict()
+        self._executors: OrderedDict[tuple[tuple[int, ...], bool], Executor] = OrderedDict()
 
     # -- control ------------------------------------------------------------------------------------
 
@@ -237,6 +239,8 @@ class DeepseekOverlap:
         try:
             out = executor.run({INPUTS[0]: hidden, INPUTS[1]: hidden}, layers=self._layers,
                                take=take, context=self._context)
+            if executor.timeline is not None:
+                self._recorded(executor.timeline)
         finally:
             self._step = None
             if planned.n > 1:
@@ -261,9 +265,29 @@ class DeepseekOverlap:
 
     # -- plans and executors ----------------------------------------------------------------------
 
+    def _recorded(self, timeline: Any) -> None:
+        from overlap.integrations.vllm.spans import comm_overlap, trace_path
+
+        comm, hidden = comm_overlap(timeline)
+        self.stats["recorded_steps"] += 1
+        self.stats["comm_s"] += comm
+        self.stats["comm_overlapped_s"] += hidden
+        self.stats["step_s"] += timeline.makespan
+        if self._trace:
+            import torch.distributed as dist
+
+            from overlap.report.trace import write_trace
+
+            on = dist.is_available() and dist.is_initialized()
+            path = trace_path(self._trace, dist.get_rank() if on else 0,
+                              dist.get_world_size() if on else 1)
+            self._trace = None
+            write_trace(timeline, path)  # atomically
+            log.info("overlap: wrote the Perfetto trace of one planned step to %s", path)
+
     def _executor(self, planned: Split) -> Executor | None:
         """The cached executor of ``planned``'s shape bucket (built on its first step)."""
-        key = shape_bucket(planned)
+        key = (shape_bucket(planned), self.record or bool(self._trace))
         executor = self._executors.get(key)
         if executor is not None:
             self._executors.move_to_end(key)
@@ -272,15 +296,15 @@ class DeepseekOverlap:
             self.unsupported = self._bind_layers()
             if self.unsupported:
                 return None
-        plan = self._templates.get(key)
+        plan = self._templates.get(key[0])
         if plan is None:
             plan = build_plan(self.config.strategy, self._model_graph, planned)
-            self._templates[key] = plan
+            self._templates[key[0]] = plan
         if len(self._executors) >= MAX_CACHED_EXECUTORS:
             _, old = self._executors.popitem(last=False)
             old.close()
         try:  # each executor owns its backend (its streams), closed when evicted
-            executor = Executor(plan, self.backend_name)
+            executor = Executor(plan, self.backend_name, record=key[1])
         except BackendUnavailableError as exc:
             self.unsupported = f"backend {self.backend_name!r} is unavailable here: {exc}"
             return None
