@@ -348,7 +348,7 @@ def test_bad_config_fails_at_start_up_in_the_front_end(default: dict) -> None:
     """A misspelt key fails building the engine config, before any engine process starts."""
     assert default["refusals"]["bad_key"] == (
         "ConfigError: unknown overlap config key(s) 'stratgy'; valid keys: enabled, strategy, "
-        "microbatches, min_tokens, max_imbalance, backend, hardware, best_effort")
+        "microbatches, min_tokens, max_imbalance, backend, hardware, best_effort, moe, trace")
 
 
 @pytest.mark.parametrize("case", sorted(REFUSALS))
