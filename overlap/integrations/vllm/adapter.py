@@ -71,6 +71,9 @@ class DeepseekOverlap:
 
         self.model = model
         self.config = config
+        self.vllm_config = vllm_config
+        self.auto: Any = None  # strategy auto: its AutoPlanner (integrations.vllm.auto)
+        self.decision: Any = None  # ... and this step's decision
         self.backend_name = config.backend_for(current_platform.device_type)
         self.tp = get_tensor_model_parallel_world_size()
         self.ep = _ep_group(vllm_config)
@@ -101,7 +104,7 @@ class DeepseekOverlap:
         self._count_keys: dict[tuple[str, int], str] = {}
         self._layers: tuple[Graph, ...] | None = None
         self._model_graph: ModelGraph | None = None
-        self._templates: dict[tuple[int, ...], Plan] = {}
+        self._templates: dict[Any, Plan] = {}  # by shape bucket (and, for auto, the choice)
         self._executors: OrderedDict[tuple[tuple[int, ...], bool], Executor] = OrderedDict()
 
     # -- control ------------------------------------------------------------------------------------
@@ -171,6 +174,14 @@ class DeepseekOverlap:
         that made it; the adapter reads only its request and token ranges.
         """
         common, reason, pendings = self._step_common(ctx, positions)
+        if self.config.strategy in ("auto", "off"):  # decided per step: integrations.vllm.auto
+            from overlap.integrations.vllm.auto import plan_step
+
+            batch = md_utils.batch_of(common) if common is not None else None
+            if common is not None and batch is None:
+                reason = "a request has no new token"
+            planned, why = plan_step(self, batch)
+            return planned, why or reason, pendings
         if common is not None and not (self.dp > 1 and self.config.microbatches > 1):
             key = tuple(common.query_start_loc_cpu[: common.num_reqs + 1].tolist())
             hit = self._splits.get(key)
@@ -288,6 +299,9 @@ class DeepseekOverlap:
     def _executor(self, planned: Split) -> Executor | None:
         """The cached executor of ``planned``'s shape bucket (built on its first step)."""
         key = (shape_bucket(planned), self.record or bool(self._trace))
+        auto = self.config.strategy == "auto"
+        if auto:  # one executor per decided choice and bucket
+            key = (*key, self.decision.choice)
         executor = self._executors.get(key)
         if executor is not None:
             self._executors.move_to_end(key)
@@ -296,10 +310,12 @@ class DeepseekOverlap:
             self.unsupported = self._bind_layers()
             if self.unsupported:
                 return None
-        plan = self._templates.get(key[0])
+        template = (key[0], key[2]) if auto else key[0]  # recording needs no other plan
+        plan = self._templates.get(template)
         if plan is None:
-            plan = build_plan(self.config.strategy, self._model_graph, planned)
-            self._templates[key[0]] = plan
+            plan = (self.auto.plan(self.decision, planned) if auto else
+                    build_plan(self.config.strategy, self._model_graph, planned))
+            self._templates[template] = plan
         if len(self._executors) >= MAX_CACHED_EXECUTORS:
             _, old = self._executors.popitem(last=False)
             old.close()
@@ -402,6 +418,16 @@ class DeepseekOverlap:
         t = torch.tensor([n], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=get_dp_group().cpu_group)
         return int(t.item())
+
+    def _all_reduce_max(self, values: list[int]) -> list[int]:
+        """Elementwise max over the data-parallel group (``auto``'s per-step agreement)."""
+        import torch
+        import torch.distributed as dist
+        from vllm.distributed.parallel_state import get_dp_group
+
+        t = torch.tensor(list(values), dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=get_dp_group().cpu_group)
+        return t.tolist()
 
     def _dp_metadata(self, ctx: Any, planned: Split) -> list[Any]:
         """Per-microbatch DP metadata: every rank's token count of each microbatch."""

@@ -133,3 +133,42 @@ class AutoPlanner:
         cuts at request boundaries, so the choice's own cut points give way to ``planned``)."""
         model = self.costed(decision.key[0])
         return realise(decision.choice, model, planned.batch, part=planned)
+
+
+# -- the adapter's side --------------------------------------------------------------------------
+
+
+def for_adapter(adapter: Any) -> AutoPlanner:
+    """The :class:`AutoPlanner` of a ``DeepseekOverlap`` whose layers are bound."""
+    from overlap.ops_graph.op import Collective
+    from overlap.ops_graph.templates import ParallelConfig
+
+    model = adapter._model_graph
+    sizes = {op.comm.size for g in model.distinct() for op in g.ops
+             if op.comm is not None and op.comm.collective is Collective.ALL_TO_ALL}
+    parallel = ParallelConfig(tp=adapter.tp, ep=max(sizes, default=1), dp=adapter.dp)
+    hf = adapter.vllm_config.model_config.hf_config
+    return AutoPlanner(model, hf.to_dict() if hasattr(hf, "to_dict") else dict(hf), parallel,
+                       adapter.config.hardware, max_micro=adapter.config.microbatches)
+
+
+def plan_step(adapter: Any, batch: Batch | None) -> tuple[Split | None, str]:
+    """The step's split for ``strategy`` ``auto`` (decided now, kept on the adapter as
+    ``decision``) or ``off``; None and why when the step runs the stock forward."""
+    from overlap.integrations.vllm.adapter import decide_split
+
+    if adapter.config.strategy == "off":
+        return None, "strategy 'off': the model's own forward"
+    if adapter._layers is None:
+        adapter.unsupported = adapter._bind_layers()
+        if adapter.unsupported:
+            return None, adapter.unsupported
+    if adapter.auto is None:
+        adapter.auto = for_adapter(adapter)
+    agree = adapter._all_reduce_max if adapter.dp > 1 else None
+    decision = adapter.decision = adapter.auto.decide(batch, agree)
+    adapter.stats["auto_off" if decision.off else f"auto_{decision.n_micro}_microbatches"] += 1
+    if decision.off:
+        return None, f"auto decided off ({decision.reason or decision.choice.describe()})"
+    config = attrs.evolve(adapter.config, microbatches=decision.n_micro)
+    return decide_split(batch, config, adapter.dp, adapter._all_reduce_min)

@@ -26,10 +26,6 @@ DEFAULT_MICROBATCHES = 2
 # Below ~32 tokens a step has too little work to hide anything behind, and splitting only adds
 # launches (vLLM's own DBO decode threshold is 32 tokens for two microbatches).
 DEFAULT_MIN_TOKENS = 16
-# ``auto`` searches cuts that may fall inside a request and scores plans by op cost figures; the
-# adapter splits at request boundaries and its ops carry no cost figures yet.
-UNSUPPORTED_STRATEGIES = {"auto": "the adapter's ops carry no cost figures to search on and it "
-                                  "splits only at request boundaries"}
 KEYS = ("enabled", "strategy", "microbatches", "min_tokens", "max_imbalance", "backend", "hardware",
         "best_effort", "moe", "trace")
 # The vLLM releases the adapter was run against (it patches private seams of these versions).
@@ -42,15 +38,15 @@ class OverlapConfig:
     """What the plugin does with an engine.
 
     enabled:       run DeepSeek decoder layers through a plan (False: the stock forward).
-    strategy:      a name from ``overlap.plan.STRATEGIES`` (not ``auto``: see :func:`strategies`).
+    strategy:      a name from ``overlap.plan.STRATEGIES``; ``auto`` decides per step
+                   (``integrations.vllm.auto``) and needs ``hardware``.
     microbatches:  microbatches per step (``"auto"`` resolves to 2, what every built-in overlap
                    strategy is written for; ``sequential`` always uses 1).
     min_tokens:    a step is split only if every microbatch gets at least this many tokens
                    (default 16: small decode steps run the stock forward).
     max_imbalance: a step is not split when (largest - smallest) / largest microbatch exceeds it.
     backend:       executor backend; ``auto`` picks it from the platform (:func:`default_backend`).
-    hardware:      a hardware preset name, validated and kept for cost-model strategies (``auto``
-                   once the adapter supports it); no supported strategy reads it yet.
+    hardware:      a hardware preset name: what ``auto`` scores plans on (required with it).
     best_effort:   an engine the plugin cannot serve (see :func:`check_engine`) runs with the
                    plugin off and a logged warning instead of failing at start-up.
     moe:           ``split`` (default): MoE layers whose kernel is modular run as gate, dispatch,
@@ -128,6 +124,11 @@ def parse(values: Mapping[str, Any]) -> OverlapConfig:
     hardware = values.get("hardware")
     if hardware is not None:
         hardware = _hardware(hardware)
+    elif strategy == "auto":
+        from overlap.cost.hardware import HARDWARE
+
+        raise ConfigError("'strategy' 'auto' scores plans on a hardware model: set 'hardware' to "
+                          f"a preset ({', '.join(HARDWARE)})")
     best_effort = values.get("best_effort", False)
     if not isinstance(best_effort, bool):
         raise ConfigError(f"'best_effort' must be true or false (got {best_effort!r})")
@@ -163,20 +164,18 @@ def _is_int(value: Any) -> bool:
 
 
 def strategies() -> tuple[str, ...]:
-    """The strategy names the plugin runs: every registered one except the ``auto`` search."""
+    """The strategy names the plugin runs: every record of ``overlap.plan.STRATEGIES``."""
     from overlap.plan.strategies import STRATEGIES  # torch-free; imported where used
 
-    return tuple(s for s in STRATEGIES if s not in UNSUPPORTED_STRATEGIES)
+    return tuple(STRATEGIES)
 
 
 def _strategy(name: Any) -> str:
-    if not isinstance(name, str):
-        raise ConfigError(f"'strategy' must be one of {', '.join(strategies())} (got {name!r})")
-    if name in UNSUPPORTED_STRATEGIES:
-        raise ConfigError(f"'strategy' {name!r} is not supported by the vLLM plugin: "
-                          f"{UNSUPPORTED_STRATEGIES[name]}; valid: {', '.join(strategies())}")
-    if name not in strategies():
-        raise ConfigError(f"'strategy' must be one of {', '.join(strategies())} (got {name!r})")
+    from overlap.errors import suggest
+
+    if not isinstance(name, str) or name not in strategies():
+        raise ConfigError(f"'strategy' must be one of {', '.join(strategies())} (got {name!r})"
+                          f"{suggest(name, strategies())}")
     return name
 
 
@@ -188,7 +187,16 @@ def _microbatches(value: Any, strategy: str) -> int:
     if not _is_int(value) or not 2 <= value <= MAX_MICROBATCHES:
         raise ConfigError(f"'microbatches' must be \"auto\" or an integer in 2..{MAX_MICROBATCHES} "
                           f"(got {value!r})")
-    if strategy == "sequential":
+    from overlap.plan.strategies import STRATEGIES
+
+    record = STRATEGIES[strategy]
+    if record.build is None:  # auto: the most microbatches the per-step decision may pick
+        top = max(record.microbatch_counts)
+        if value > top:
+            raise ConfigError(f"'microbatches' for strategy 'auto' is the most it may pick, "
+                              f"2..{top} (got {value})")
+        return value
+    if record.microbatches == 1:  # a one-microbatch strategy (sequential, single_batch, ...)
         return 1
     _check_plannable(strategy, value)
     return value
