@@ -169,4 +169,5 @@ def test_auto_engine_decided_every_step_alike_on_both_ranks(auto_engine):
     ranks = auto_engine["on"]["stats"]
     per_rank = [{k: v for k, v in s.items() if k.startswith("auto_")} for s in ranks]
     assert per_rank[0] and per_rank[0] == per_rank[1], ranks
-    print(ranks[0])
+    assert sum(per_rank[0].values()) == ranks[0].get("steps_planned", 0) + ranks[0].get(
+        "fallback_batch", 0), ranks  # a decision for every step that reached the split
