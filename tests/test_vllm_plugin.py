@@ -122,6 +122,12 @@ def builder_engine(spec: dict) -> dict:
     llm.collective_rpc(swap_builders, kwargs={"kind": "stock"})
     _modes(llm, ["inline"], out_after := {}, BATCHES[:1])
     out["after"] = out_after["inline"]
+    llm.collective_rpc(break_planned_ffn)  # last: a plan that raised stays off for the engine
+    llm.collective_rpc(control, kwargs={"enabled": True, "reset": True})
+    llm.collective_rpc(checks)
+    out["raising"] = run_batches(llm, BATCHES[:2])
+    out["raising"]["stats"] = llm.collective_rpc(stats)
+    out["raising_logs"] = llm.collective_rpc(checks)
     return out
 
 
@@ -145,6 +151,22 @@ def swap_builders(worker: Any, kind: str) -> None:
         original = builder.__dict__.setdefault("_test_class", type(builder))
         builder.__dict__["_test_runner"] = True
         builder.__class__ = classes.get(kind, original)
+
+
+def break_planned_ffn(worker: Any) -> None:
+    """Make layer 1's feed-forward raise, but only inside a planned step (stock runs it)."""
+    from overlap.integrations.vllm import _adapter
+
+    adapter = _adapter(worker)
+    mlp = worker.model_runner.get_model().model.layers[1].mlp
+    stock = mlp.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if adapter._step is not None:
+            raise RuntimeError("injected op failure")
+        return stock(*args, **kwargs)
+
+    mlp.forward = forward
 
 
 def checks(worker: Any) -> dict:
@@ -414,6 +436,23 @@ def test_failing_builder_falls_back_per_step_with_one_logged_reason(forced: dict
     assert len(injected) == 1 and "FailingBuilder could not build microbatch metadata" in injected[0]
     _planned_steps(forced["after"]["stats"][0])
     _same(forced["after"], forced["off"], "prefill")
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_plan_that_raises_reruns_the_step_stock_and_stays_off(forced: dict) -> None:
+    """An op raising inside the planned forward: that step re-runs stock (same tokens and
+    logprobs), one warning names the error, and planning stays off for the engine."""
+    (stats,) = forced["raising"]["stats"]
+    assert stats["fallback_error"] == 1 and stats.get("steps_planned", 0) == 0, stats
+    assert stats["unsupported"].startswith("the planned forward raised ExecutionError"), stats
+    assert "injected op failure" in stats["unsupported"]
+    assert stats["fallback_config"] > 0  # the later steps: stock without trying
+    for name, _, _ in BATCHES[:2]:
+        assert forced["raising"][name]["tokens"] == forced["off"][name]["tokens"]
+        assert max_logprob_diff(forced["raising"][name], forced["off"][name]) == 0.0
+    (logs,) = forced["raising_logs"]
+    assert sum("this and later steps run the stock forward" in m for m in logs["logs"]) == 1
 
 
 # -- TP=2 ---------------------------------------------------------------------------------------
