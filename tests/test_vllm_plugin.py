@@ -154,11 +154,11 @@ def swap_builders(worker: Any, kind: str) -> None:
 
 
 def break_planned_ffn(worker: Any) -> None:
-    """Make layer 1's feed-forward raise, but only inside a planned step (stock runs it)."""
+    """Make layer 0's dense MLP raise, but only inside a planned step (stock runs it)."""
     from overlap.integrations.vllm import _adapter
 
     adapter = _adapter(worker)
-    mlp = worker.model_runner.get_model().model.layers[1].mlp
+    mlp = worker.model_runner.get_model().model.layers[0].mlp
     stock = mlp.forward
 
     def forward(*args: Any, **kwargs: Any) -> Any:
