@@ -5,8 +5,9 @@ Targets (issue 12): <= 20 us when the bucket is cached, <= 50 ms cold. Per devic
 tokens is decided cold once on a fresh Planner (its graphs already built, which an engine does
 at start), then each is decided ``--repeats`` x 1000 times cached: through
 ``decide_shape(phase, tokens, requests, context)`` (the serving hot path: the engine knows its
-step's figures) and through ``decide(batch)``, which also reads the figures off a Batch
-(linear in its requests). A two-rank data-parallel agreement (``agree``: an in-process max)
+step's figures) and through ``decide(batch)``, which also reads the figures off a Batch (once
+per Batch object, per distinct request: the timed loop reuses one Batch, so a fresh Batch pays
+one extra linear, C-level pass over its requests, not timed here). A two-rank data-parallel agreement (``agree``: an in-process max)
 is timed too; with a real collective add its latency.
 
     python benchmarks/decide.py [--repeats 5] [--quick] [--json PATH]

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
 
 from overlap.backends.simulated import simulate
 from overlap.errors import ConfigError
@@ -17,6 +18,7 @@ from overlap.ops_graph.templates import ParallelConfig
 from overlap.plan import Batch, build_plan, split, validate
 from overlap.search import Planner
 from overlap.search.decision import canonical
+from tests.strategies import batches
 from tests.timeouts import deadline
 
 
@@ -191,3 +193,18 @@ def test_real_idle_rank_turns_every_rank_off(tmp_path):
     ranks = _run_ranks(tmp_path, [[[4096, 0]] * 4, None])
     assert all(r["off"] for r in ranks)
     assert ranks[0]["reason"] == "a rank has 0 token(s), fewer than 2 microbatches"
+
+
+@settings(max_examples=60, deadline=None)
+@given(batch=batches(max_requests=40))
+def test_decide_reads_the_batch_figures_exactly(planner, batch):
+    """decide(batch) is decide_shape on the batch's phase, tokens, requests and mean context,
+    computed here request by request (decide reads them from the Batch's cached sums)."""
+    reqs = batch.requests
+    phase = "decode" if all(r.is_decode for r in reqs) else "prefill"
+    figures = (phase, sum(r.query_len for r in reqs), len(reqs),
+               sum(r.context_len for r in reqs) // len(reqs))
+    seen = []
+    planner.decide(batch, agree=lambda mine: seen.append(list(mine)) or mine)
+    planner.decide_shape(*figures, agree=lambda mine: seen.append(list(mine)) or mine)
+    assert seen[0] == seen[1], f"{batch}: decide sent {seen[0]}, the figures give {seen[1]}"

@@ -196,12 +196,14 @@ class Planner:
         """
         if batch is None:
             return self.decide_shape(phase or "decode", 0, 0, 0, agree=agree)
-        reqs = batch.requests
+        # From the Batch's cached per-distinct-request figures and prefix sums (each computed
+        # once per Batch by C-level passes), not 3 attribute reads per request and step.
+        uniques, codes = batch.codes()
         if phase is None:
-            phase = "decode" if all(r.is_decode for r in reqs) else "prefill"
-        tokens = sum(r.query_len for r in reqs)
-        return self.decide_shape(phase, tokens, len(reqs),
-                                 sum(r.context_len for r in reqs) // len(reqs), agree=agree)
+            phase = "decode" if all(r.is_decode for r in uniques) else "prefill"
+        tokens = batch.tokens
+        context = batch.prefix_sums()[0][-1] - tokens  # the sums count context + query tokens
+        return self.decide_shape(phase, tokens, len(codes), context // len(codes), agree=agree)
 
     def decide_shape(self, phase: str, tokens: int, requests: int, context: int, *,
                      agree: Agree | None = None) -> Decision:
