@@ -269,10 +269,14 @@ class DeepseekOverlap:
         return (time.perf_counter(), time.thread_time()) if self.timing else None
 
     def _count_op(self, clock: tuple[float, float] | None) -> None:
-        """Add the time since ``clock`` to the step's op time (model work, not added time)."""
+        """Add the time since ``clock`` to the step's op time (model work, not added time).
+
+        CPU time is per thread: an op on a worker thread (the threads backend) spent none of the
+        host thread's, so only host-thread ops are taken off the host-thread CPU figure."""
         if clock is not None:
             self._op_s += time.perf_counter() - clock[0]
-            self._op_cpu += time.thread_time() - clock[1]
+            if threading.get_ident() == self._host_thread:
+                self._op_cpu += time.thread_time() - clock[1]
 
     # -- plans and executors ----------------------------------------------------------------------
 
