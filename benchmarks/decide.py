@@ -7,8 +7,8 @@ at start), then each is decided ``--repeats`` x 1000 times cached: through
 ``decide_shape(phase, tokens, requests, context)`` (the serving hot path: the engine knows its
 step's figures) and through ``decide(batch)``, which also reads the figures off a Batch (once
 per Batch object, per distinct request: the timed loop reuses one Batch, so a fresh Batch pays
-one extra linear, C-level pass over its requests, not timed here). A two-rank data-parallel agreement (``agree``: an in-process max)
-is timed too; with a real collective add its latency.
+one extra linear, C-level pass over its requests, not timed here). A two-rank data-parallel
+agreement (``agree``: an in-process max) is timed too; with a real collective add its latency.
 
     python benchmarks/decide.py [--repeats 5] [--quick] [--json PATH]
 """
