@@ -87,24 +87,6 @@ class Choice:
         return " ".join(parts)
 
 
-@attrs.frozen
-class SearchResult:
-    """What ``search`` found: the plan, its simulated step time and what it was measured against."""
-
-    plan: Plan
-    step_s: float
-    choice: Choice
-    baseline: str  # the best named strategy (and its grain, if not the model's own)
-    baseline_s: float
-    evaluated: int  # candidates scored
-    elapsed_s: float
-
-    @property
-    def speedup(self) -> float:
-        """Baseline step time over ours (>= 1: auto never loses)."""
-        return self.baseline_s / self.step_s if self.step_s > 0 else 1.0
-
-
 # -- the space ---------------------------------------------------------------------------------
 
 
