@@ -4,9 +4,6 @@ same decision on every data-parallel rank."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,7 @@ from overlap.ops_graph.templates import ParallelConfig
 from overlap.plan import Batch, build_plan, split, validate
 from overlap.search import Planner
 from overlap.search.decision import canonical
+from tests.ranks import free_port, run_ranks
 from tests.strategies import batches
 from tests.timeouts import deadline
 
@@ -151,29 +149,12 @@ def _run_ranks(tmp_path, batches: list) -> list[dict]:
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    from tests.test_distributed import free_port
-
-    root = Path(__file__).resolve().parent.parent
     port, outs = free_port(), [tmp_path / f"rank{r}.json" for r in range(len(batches))]
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     worker = Path(__file__).with_name("decide_worker.py")
-    procs = [subprocess.Popen([sys.executable, str(worker), str(r), str(len(batches)), str(port),
-                               str(outs[r]), json.dumps({"batches": batches})], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(len(batches))]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=100)[0])
-    except subprocess.TimeoutExpired:
-        pytest.fail("ranks did not finish within 100 s (a collective hang?)")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for r, p in enumerate(procs):
-        assert p.returncode == 0 and outs[r].exists(), f"rank {r} failed:\n{logs[r]}"
+    logs = run_ranks([[worker, r, len(batches), port, outs[r], json.dumps({"batches": batches})]
+                      for r in range(len(batches))], 100)
+    for r, out in enumerate(outs):
+        assert out.exists(), f"rank {r} wrote no result:\n{logs[r]}"
     return [json.loads(o.read_text()) for o in outs]
 
 

@@ -8,10 +8,6 @@ hang kills both and fails the test instead of stalling the suite.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,42 +17,23 @@ dist = pytest.importorskip("torch.distributed")
 
 from overlap.plan import Batch  # noqa: E402
 from overlap.reference import TINY, ReferenceModel  # noqa: E402
+from tests import ranks  # noqa: E402
+from tests.ranks import free_port  # noqa: E402
 
 WORKER = Path(__file__).with_name("dist_worker.py")
-ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 120
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(tmp_path: Path, spec: dict, world: int = 2) -> list[dict]:
     """Run ``world`` ranks to completion (or kill them all at the timeout) and load their results."""
     port, outs = free_port(), [tmp_path / f"rank{r}.pt" for r in range(world)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), str(port),
-                               str(outs[r]), json.dumps(spec)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"ranks did not finish within {TIMEOUT_S} s (a collective hang?)")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for r, p in enumerate(procs):
-        assert p.returncode == 0 and outs[r].exists(), f"rank {r} failed:\n{logs[r]}"
+    logs = ranks.run_ranks([[WORKER, r, world, port, outs[r], json.dumps(spec)]
+                            for r in range(world)], TIMEOUT_S)
+    for r, out in enumerate(outs):
+        assert out.exists(), f"rank {r} wrote no result:\n{logs[r]}"
     return [torch.load(o) for o in outs]
 
 

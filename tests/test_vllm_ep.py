@@ -7,8 +7,6 @@ all experts. This file is also the rank process when run as a script.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,8 +19,8 @@ from overlap.integrations.vllm.graph import layer_graph
 from overlap.integrations.vllm.spans import comm_overlap, trace_path
 from overlap.ops_graph.op import OpKind
 from overlap.plan.stages import stages
+from tests.ranks import free_port, run_ranks
 
-ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 120
 
 
@@ -139,28 +137,9 @@ def test_dispatch_combine_over_gloo_equal_the_sum_over_all_experts(tmp_path: Pat
     """Two ranks, each sending its share of the rows to the experts' owners and back, end with
     every token's weighted expert sum (bf16 rounding: the sum runs in float32 at the source);
     with one token one rank has no rows and still joins every collective."""
-    import socket
-
     torch = pytest.importorskip("torch")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    outs = [tmp_path / f"rank{r}.pt" for r in range(2)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), "2", str(port), str(outs[r]),
-                               str(tokens)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    try:
-        logs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"ranks did not finish within {TIMEOUT_S} s (a collective hang?)")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r} failed:\n{logs[r]}"
+    port, outs = free_port(), [tmp_path / f"rank{r}.pt" for r in range(2)]
+    run_ranks([[__file__, r, 2, port, outs[r], tokens] for r in range(2)], TIMEOUT_S)
     x, ids, w, mats = _problem(tokens)
     full = torch.zeros(tokens, 8)
     for t in range(tokens):
