@@ -15,7 +15,7 @@ ROOT = Path(overlap.__file__).resolve().parent
 
 # Which packages each package may import (besides itself and the BASE utilities). Lower layers
 # never name a higher one: ``plan`` knows no cost model, simulator, search or report.
-BASE = {"errors", "_optional", "_atomic"}
+BASE = {"errors", "_optional", "_atomic", "_cycles"}
 ALLOWED = {
     "errors": set(),
     "ops_graph": set(),

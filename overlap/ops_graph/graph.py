@@ -13,6 +13,7 @@ from typing import Any
 
 import attrs
 
+from overlap._cycles import find_cycle
 from overlap.errors import GraphError
 from overlap.ops_graph.cost import FREE, OpCost
 from overlap.ops_graph.op import Comm, Op, OpKind
@@ -130,27 +131,9 @@ class Graph:
 
     @staticmethod
     def _a_cycle(deps: Mapping[str, tuple[str, ...]]) -> list[str]:
-        # Iterative depth-first search: a cycle of thousands of ops must not hit the recursion
-        # limit.
-        state: dict[str, int] = {}  # 1 = on the path, 2 = done
-        for root in deps:
-            if root in state:
-                continue
-            state[root] = 1
-            stack = [(root, iter(deps[root]))]
-            while stack:
-                name, edges = stack[-1]
-                dep = next(edges, None)
-                if dep is None:
-                    state[name] = 2
-                    stack.pop()
-                elif state.get(dep) == 1:
-                    path = [n for n, _ in stack]
-                    return list(reversed([*path[path.index(dep):], dep]))
-                elif dep not in state:
-                    state[dep] = 1
-                    stack.append((dep, iter(deps[dep])))
-        raise AssertionError("no cycle found")  # pragma: no cover - only called on a cycle
+        cycle = find_cycle(deps, deps.__getitem__)  # follows op -> dependency
+        assert cycle is not None, "only called on a cycle"
+        return list(reversed(cycle))  # in data-flow order
 
     # -- queries -----------------------------------------------------------------------------
 

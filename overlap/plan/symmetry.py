@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
+from overlap._cycles import find_cycle
 from overlap.errors import PlanError
 from overlap.plan.plan import Plan
 
@@ -177,23 +178,7 @@ def _check_no_cycle(plans: Sequence[Plan], per_rank: list[dict[str, list[tuple[i
         step = plan.steps[n - offsets[rank]]
         return f"{step.label()} [rank {rank}, stream {plan.streams[step.stream].name}]"
 
-    state = [0] * total  # 0 new, 1 on the path, 2 done
-    for root in range(total):
-        if state[root]:
-            continue
-        state[root] = 1
-        stack = [(root, iter(waits_for[root]))]
-        while stack:
-            n, edges = stack[-1]
-            nxt = next(edges, None)
-            if nxt is None:
-                state[n] = 2
-                stack.pop()
-            elif state[nxt] == 1:
-                path = [s for s, _ in stack]
-                cycle = [*path[path.index(nxt):], nxt]
-                raise PlanError("the ranks' plans would hang: wait-for cycle across ranks "
-                                + " -> ".join(name(c) for c in cycle))
-            elif state[nxt] == 0:
-                state[nxt] = 1
-                stack.append((nxt, iter(waits_for[nxt])))
+    cycle = find_cycle(range(total), waits_for.__getitem__)
+    if cycle is not None:
+        raise PlanError("the ranks' plans would hang: wait-for cycle across ranks "
+                        + " -> ".join(name(c) for c in cycle))

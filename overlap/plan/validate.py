@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from overlap._cycles import find_cycle
 from overlap.errors import PlanError
 from overlap.ops_graph.op import OpKind
 from overlap.plan.plan import Plan, Step
@@ -135,26 +136,10 @@ def _check_deadlock(plan: Plan, deps: list[tuple[int, ...]]) -> None:
         last[step.stream] = i
     for w in plan.extra_waits:
         waits_for[w.waiter].append(w.on)
-    state = [0] * n  # 0 new, 1 on stack, 2 done
-    for root in range(n):
-        if state[root]:
-            continue
-        stack = [(root, iter(waits_for[root]))]
-        state[root] = 1
-        while stack:
-            node, edges = stack[-1]
-            nxt = next(edges, None)
-            if nxt is None:
-                state[node] = 2
-                stack.pop()
-            elif state[nxt] == 1:
-                path = [s for s, _ in stack]
-                cycle = [*path[path.index(nxt):], nxt]
-                raise PlanError(f"plan {plan.strategy!r} deadlocks: wait-for cycle "
-                                + " -> ".join(_name(plan, i) for i in cycle))
-            elif state[nxt] == 0:
-                state[nxt] = 1
-                stack.append((nxt, iter(waits_for[nxt])))
+    cycle = find_cycle(range(n), waits_for.__getitem__)
+    if cycle is not None:
+        raise PlanError(f"plan {plan.strategy!r} deadlocks: wait-for cycle "
+                        + " -> ".join(_name(plan, i) for i in cycle))
 
 
 def _check_order(plan: Plan, deps: list[tuple[int, ...]]) -> None:
