@@ -83,12 +83,16 @@ def _modes(llm: Any, modes: list[str], out: dict, batches: list = BATCHES) -> No
         on = mode != "off"
         llm.collective_rpc(control, kwargs={"enabled": on, "reset": True,
                                             "backend": mode if on else None})
-        out[mode] = result = {"planned": {}}
-        for name, lengths, tokens in batches:  # and how many steps of each batch were planned
-            before = llm.collective_rpc(stats)[0].get("steps_planned", 0) if on else 0
+        out[mode] = result = {"planned": {}, "cuts": {}}
+        for name, lengths, tokens in batches:  # and how many steps of each batch were planned,
+            before = llm.collective_rpc(stats) if on else []  # and cut through a request
             result[name] = generate(llm, lengths, tokens)
             if on:
-                result["planned"][name] = llm.collective_rpc(stats)[0]["steps_planned"] - before
+                after = llm.collective_rpc(stats)
+                result["planned"][name] = after[0]["steps_planned"] - before[0].get(
+                    "steps_planned", 0)
+                result["cuts"][name] = [a.get("steps_cut_request", 0) - b.get(
+                    "steps_cut_request", 0) for a, b in zip(after, before)]  # per rank
         result["stats"] = llm.collective_rpc(stats)
 
 
@@ -110,9 +114,11 @@ def builder_engine(spec: dict) -> dict:
     llm = make_llm(ON, attention_backend="CPU_MLA")
     out: dict = {"backend": llm.collective_rpc(attention_backend_name)}
     _modes(llm, ["off", "inline"], out)
+    _uneven(llm, out, "uneven")
     llm.collective_rpc(swap_builders, kwargs={"kind": "amx"})
     _modes(llm, ["inline"], out_amx := {})
     out["amx"] = out_amx["inline"]
+    _uneven(llm, out, "amx_uneven")
     out["amx_checks"] = llm.collective_rpc(checks)
     llm.collective_rpc(swap_builders, kwargs={"kind": "failing"})
     llm.collective_rpc(control, kwargs={"enabled": True, "reset": True})
@@ -131,7 +137,30 @@ def builder_engine(spec: dict) -> dict:
     return out
 
 
+UNEVEN = 0.25  # a max_imbalance under which "long" (600 | 64 at the boundary) is cut through
+
+
+def _uneven(llm: Any, out: dict, key: str) -> None:
+    """The long and mixed batches with ``max_imbalance`` UNEVEN (threads backend): boundary
+    splits too uneven for it are cut inside a request instead, next to whole requests."""
+    llm.collective_rpc(configure, kwargs={"max_imbalance": UNEVEN})
+    _modes(llm, ["threads"], got := {}, [b for b in BATCHES if b[0] in ("long", "mixed")])
+    out[key] = got["threads"]
+    llm.collective_rpc(configure, kwargs={"max_imbalance": ON.get("max_imbalance", 1.0)})
+
+
 # -- worker-side helpers (called through collective_rpc; importable as tests.test_vllm_plugin) --
+
+def configure(worker: Any, **changes: Any) -> None:
+    """Change the adapter's configuration (as an engine started with it would have it)."""
+    import attrs
+
+    from overlap.integrations.vllm import _adapter
+
+    adapter = _adapter(worker)
+    adapter.config = attrs.evolve(adapter.config, **changes)
+    adapter._splits.clear()  # splits cached under the old thresholds
+
 
 _CHECKS: dict[str, Any] = {"amx_checked": 0, "amx_failed": [], "logs": []}
 
@@ -213,7 +242,7 @@ def _install_checks() -> None:
         subs = original(pending, split, builders)
         if type(pending.builder).__name__ == "AMXMLAMetadataBuilder":
             try:
-                _compare_amx(pending, subs)
+                _compare_amx(pending, split, subs)
                 _CHECKS["amx_checked"] += 1
             except Exception as exc:  # noqa: BLE001 - recorded, asserted by the test
                 _CHECKS["amx_failed"].append(f"{type(exc).__name__}: {exc}")
@@ -223,8 +252,10 @@ def _install_checks() -> None:
     md.build_microbatch_metadata = checked
 
 
-def _compare_amx(pending: Any, subs: list[Any]) -> None:
-    """Per-request AMX fields of the microbatches, in order, equal the whole step's."""
+def _compare_amx(pending: Any, split: Any, subs: list[Any]) -> None:
+    """Per-request AMX fields of the microbatches, in order, equal the whole step's; a request
+    cut in two is one request again when its pieces are joined (same block rows, the first
+    piece's sequence ending where the second's query starts, extend lengths adding up)."""
     import torch
     from vllm.forward_context import get_forward_context
 
@@ -234,19 +265,37 @@ def _compare_amx(pending: Any, subs: list[Any]) -> None:
                  if getattr(m, PENDING_ATTR, None) is pending)
     fields = {"decode": ("req_to_token", "seq_lens_i64"),
               "prefill": ("req_to_token", "cpu_seq_lens", "extend_seq_lens")}
-    for part, names in fields.items():
-        mine = [getattr(s, part) for s in subs if getattr(s, part) is not None]
-        theirs = getattr(whole, part)
-        assert (theirs is None) == (not mine), f"{part}: present in whole step and parts differ"
-        for name in names if mine else ():
-            joined = torch.cat([getattr(p, name) for p in mine])
-            assert torch.equal(joined, getattr(theirs, name)), f"{part}.{name} differs"
-        for p in mine if part == "prefill" else ():
+    rows: dict[str, dict[str, list]] = {part: {n: [] for n in names} for part, names in fields.items()}
+    for micro, sub in zip(split.micro, subs):
+        mine = {part: {n: list(getattr(getattr(sub, part), n)) for n in names}
+                if getattr(sub, part) is not None else None for part, names in fields.items()}
+        if micro.continues_request:  # its row 0 is the second piece of the previous one's last
+            done = rows["prefill"]
+            assert done["req_to_token"], "a cut request's first piece is not a prefill row"
+            part = "decode" if sub.num_decodes else "prefill"
+            second = {n: v.pop(0) for n, v in mine[part].items()}
+            extend = second.get("extend_seq_lens", torch.tensor(1))
+            total = second.get("cpu_seq_lens", second.get("seq_lens_i64"))
+            assert torch.equal(done["req_to_token"][-1], second["req_to_token"]), "cut: blocks"
+            assert done["cpu_seq_lens"][-1] == total - extend, "cut: first piece's sequence"
+            done["cpu_seq_lens"][-1] = total
+            done["extend_seq_lens"][-1] = done["extend_seq_lens"][-1] + extend
+        for part, names in fields.items():
+            for n in names if mine[part] is not None else ():
+                rows[part][n].extend(mine[part][n])
+        p = mine["prefill"] and sub.prefill
+        if p:
             lens = p.extend_seq_lens
             assert p.max_len_extend == int(lens.max()), "prefill.max_len_extend"
             assert torch.equal(p.extend_start_loc, torch.cumsum(lens, 0) - lens), "extend_start_loc"
-        for p in mine if part == "decode" else ():
-            assert torch.equal(p.req_pool_indices, torch.arange(p.block_table.size(0))), "pool"
+        if mine["decode"] is not None:
+            d = sub.decode
+            assert torch.equal(d.req_pool_indices, torch.arange(d.block_table.size(0))), "pool"
+    for part, names in fields.items():
+        theirs = getattr(whole, part)
+        assert (theirs is None) == (not rows[part][names[0]]), f"{part}: whole step and parts differ"
+        for n in names if theirs is not None else ():
+            assert torch.equal(torch.stack(rows[part][n]), getattr(theirs, n)), f"{part}.{n} differs"
 
 
 # -- fixtures -----------------------------------------------------------------------------------
@@ -325,10 +374,30 @@ def test_tokens_and_logprobs_match_the_stock_forward(default: dict, backend: str
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_every_batch_was_planned(default: dict, backend: str) -> None:
-    """Steps of every batch ran planned, the > 512-token prompt's batch included (the adapter
-    splits at request boundaries: that prompt is one microbatch, its neighbours the other)."""
+    """Steps of every batch ran planned, the > 512-token prompt's batches included."""
     assert LONG_PROMPT > 512 and len(default[backend]["long"]["prompt_logprobs"][0]) == LONG_PROMPT
     assert all(default[backend]["planned"][name] > 0 for name in BATCH_NAMES), default[backend]
+
+
+def _cut_through(result: dict, *names: str) -> None:
+    """Batches ``names`` had a planned step whose microbatch 1 continued a request cut by
+    microbatch 0, on every rank. (Which other steps are cut depends on vLLM's scheduling: a
+    prompt that arrives while the engine runs may be prefilled alone, and is then cut too. The
+    rule itself is unit-tested: tests/test_vllm_metadata_cut.py.)"""
+    for name in names:
+        assert result["cuts"][name] and min(result["cuts"][name]) > 0, (name, result["cuts"])
+
+
+@pytest.mark.parametrize("backend", ["inline", "threads"])
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_long_prompt_alone_is_cut_through(default: dict, backend: str) -> None:
+    """A > 512-token prompt alone cannot be split at a request boundary, so its prefill is cut
+    in two (the second piece attends to the first through the KV cache). Its prompt and sampled
+    tokens' logprobs and greedy tokens match the stock forward's
+    (test_tokens_and_logprobs_match_the_stock_forward, batch "cut")."""
+    assert len(default[backend]["cut"]["prompt_logprobs"][0]) > 512
+    _cut_through(default[backend], "cut")
 
 
 @pytest.mark.parametrize("backend", ["inline", "threads"])
@@ -349,9 +418,11 @@ def test_planned_path_ran_two_microbatches_on_every_layer(default: dict, backend
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_executors_are_cached_by_shape_bucket(default: dict) -> None:
-    """Far fewer executors are built than steps are planned: one per shape bucket."""
+    """Far fewer executors are built than steps are planned: one per shape bucket (the five
+    batches fall in about nine: a split that cuts a request has buckets of its own)."""
     (stats,) = default["inline"]["stats"]
-    assert 0 < stats["executors_built"] <= 8 < stats["steps_planned"], stats
+    assert 0 < stats["executors_built"] <= 12 and 2 * stats["executors_built"] <= stats[
+        "steps_planned"], stats
 
 
 @pytest.mark.vllm
@@ -405,12 +476,33 @@ def test_cpu_mla_forced_matches_the_stock_forward(forced: dict, batch: str) -> N
 
 @pytest.mark.vllm
 @pytest.mark.slow
+def test_cpu_mla_forced_cuts_the_long_prompt(forced: dict) -> None:
+    """With CPU_MLA forced the long prompt alone is cut through as on the default backend."""
+    _cut_through(forced["inline"], "cut")
+
+
+@pytest.mark.parametrize("key", ["uneven", "amx_uneven"])
+@pytest.mark.parametrize("batch", ["long", "mixed"])
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_uneven_boundary_split_cuts_the_long_prompt_instead(forced: dict, key: str, batch: str
+                                                            ) -> None:
+    """With max_imbalance 0.25 the long batch's boundary split (600 | 64) is refused, so the
+    600-token prompt is cut next to its short neighbours; tokens and logprobs still match the
+    stock forward's (threads backend; CPU_MLA's builder, then AMX_MLA's)."""
+    _cut_through(forced[key], "long")
+    _same(forced[key], forced["off"], batch)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_amx_builder_fields_are_split_per_microbatch(forced: dict) -> None:
     """With vLLM's AMXMLAMetadataBuilder, every split step's microbatch metadata carries AMX's
     own fields (req_to_token, ...), equal to the whole step's rows: the most-derived build ran."""
     (result,) = forced["amx_checks"]
     assert result["amx_failed"] == []
-    assert result["amx_checked"] == forced["amx"]["stats"][0]["steps_planned"] > 0
+    planned = [forced[k]["stats"][0]["steps_planned"] for k in ("amx", "amx_uneven")]
+    assert result["amx_checked"] == sum(planned) and min(planned) > 0
 
 
 @pytest.mark.parametrize("batch", BATCH_NAMES)
@@ -468,6 +560,13 @@ def test_tensor_parallel_tokens_and_logprobs_match_the_stock_forward(tp2: dict, 
 
 @pytest.mark.vllm
 @pytest.mark.slow
+def test_tensor_parallel_cuts_the_long_prompt_on_both_ranks(tp2: dict) -> None:
+    """With TP=2 both ranks cut the long prompt alone the same way (their batches are equal)."""
+    _cut_through(tp2["inline"], "cut")
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_tensor_parallel_all_reduces_are_planned_ops(tp2: dict) -> None:
     """With TP=2 both ranks run every layer's two all-reduces as planned ops, per microbatch."""
     ranks = tp2["inline"]["stats"]
@@ -517,11 +616,13 @@ def test_builder_hook_reaches_subclass_builds_that_skip_super() -> None:
 
 
 @pytest.mark.vllm
-@settings(max_examples=40, deadline=None)
-@given(batches(), st.integers(2, 4))
-def test_common_metadata_cut_equals_vllms_split_attn_metadata(batch: Any, n: int) -> None:
+@settings(max_examples=60, deadline=None)
+@given(batches(), st.integers(2, 4), st.booleans())
+def test_common_metadata_cut_equals_vllms_split_attn_metadata(batch: Any, n: int,
+                                                              split_requests: bool) -> None:
     """``slice_common`` gives field for field what vLLM's ``split_attn_metadata`` gives for the
-    same request-boundary split (the adapter uses the cheaper one every step)."""
+    same split, at request boundaries or cutting requests (the adapter uses the cheaper one
+    every step)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("vllm")
     from vllm.v1.attention.backend import CommonAttentionMetadata
@@ -530,8 +631,10 @@ def test_common_metadata_cut_equals_vllms_split_attn_metadata(batch: Any, n: int
     from overlap.integrations.vllm.metadata import slice_common, ubatch_slices
     from overlap.plan import split
 
-    planned = split(batch, n, min_tokens=1)
+    planned = split(batch, n, min_tokens=1, split_requests=split_requests)
     assume(planned.n == n)
+    if split_requests:
+        assume(any(m.continues_request for m in planned.micro))
     requests = [(r.query_len, r.context_len) for r in batch.requests]
     query = [q for q, _ in requests]
     starts = torch.tensor([0, *itertools.accumulate(query)], dtype=torch.int32)

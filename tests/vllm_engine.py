@@ -30,13 +30,15 @@ LONG_PROMPT = 600  # longer than 512 tokens (the length a published DBO port got
 
 # (name, prompt lengths, max new tokens per prompt): prefill only; decode; more prompts than
 # max_num_seqs, finishing at different steps, so waiting prompts prefill while others decode;
-# and a prompt longer than 512 tokens batched with short ones, so its prefill and its decode
-# steps are split with other requests.
+# a prompt longer than 512 tokens batched with short ones, so its prefill and its decode
+# steps are split with other requests (at request boundaries: 600 | 64 is within the default
+# max_imbalance); and a longer prompt alone, whose prefill the split cuts through (350 | 350).
 BATCHES = [
     ("prefill", [5, 17, 33, 64], [1] * 4),
     ("decode", [5, 17, 33, 64], [8] * 4),
     ("mixed", [3 + 9 * i for i in range(10)], [2 + i % 5 for i in range(10)]),
     ("long", [LONG_PROMPT, 40, 24], [6, 6, 6]),
+    ("cut", [LONG_PROMPT + 100], [6]),
 ]
 
 # Plugin-on vs plugin-off logprobs may differ by bf16 rounding where a split changes a kernel's
@@ -47,8 +49,9 @@ LOGPROB_ATOL = 0.1
 
 
 def prompt(i: int, n: int) -> list[int]:
-    """A deterministic prompt of ``n`` token ids (request ``i``)."""
-    return [(7 * i + 13 * j) % 997 + 2 for j in range(n)]
+    """A deterministic prompt of ``n`` token ids (request ``i``); prompts of different lengths
+    share no prefix (a prefix cache, where the platform enables one, would skip their prefill)."""
+    return [(7 * i + 13 * j + 5 * n) % 997 + 2 for j in range(n)]
 
 
 def has_amx() -> bool:

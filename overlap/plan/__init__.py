@@ -1,6 +1,7 @@
 """Planning: split a batch into microbatches and schedule (microbatch, op) onto streams."""
 
 from overlap.plan.batch import Batch, Request
+from overlap.plan.deps import unordered_kv_reads
 from overlap.plan.plan import Plan, Step, Stream, Wait
 from overlap.plan.split import (
     MicroBatch,
@@ -36,6 +37,7 @@ __all__ = [
     "graph_cost",
     "split",
     "split_agreed",
+    "unordered_kv_reads",
     "validate",
     "whole",
 ]

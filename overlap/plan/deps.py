@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from overlap.ops_graph.graph import Graph
@@ -103,3 +104,53 @@ def step_dependencies(plan: Plan) -> list[tuple[int, ...]]:
         found = [d for d in deps if d is not None]
         append(tuple(sorted(set(found))) if len(found) > 1 else tuple(found))
     return out
+
+
+def unordered_kv_reads(plan: Plan, continues: Sequence[bool] | None = None) -> list[str]:
+    """Where ``plan`` lets a microbatch's attention run before the previous microbatch has
+    written the KV cache it reads; one line per (layer, microbatch), empty when none.
+
+    ``continues[m]`` says microbatch ``m`` continues a request the previous one cut (default:
+    the plan's own split). Only what every backend honours counts: a stream runs its steps in
+    issue order, and a step that waits runs after the step it waits on. A plan built for the
+    split it runs always passes (:func:`step_dependencies` adds the KV read, which becomes a
+    wait across streams); the check guards a plan reused for another split of its shape, or one
+    made by hand or loaded from JSON.
+    """
+    flags = [m.continues_request for m in plan.split.micro] if continues is None else list(continues)
+    cut = [m for m, flag in enumerate(flags) if flag and 0 < m < plan.n_micro]
+    if not cut:
+        return []
+    steps, n_streams = plan.steps, len(plan.streams)
+    waits_on: dict[int, list[int]] = {}
+    for w in plan.waits():
+        waits_on.setdefault(w.waiter, []).append(w.on)
+    # clock[i][s]: the latest step of stream s known to finish before step i starts (or i
+    # itself): a vector clock, filled in issue order (a valid plan waits only on earlier steps).
+    clock: list[list[int]] = []
+    last_on: list[list[int] | None] = [None] * n_streams
+    for i, step in enumerate(steps):
+        now = list(last_on[step.stream] or [-1] * n_streams)
+        for on in waits_on.get(i, ()):
+            if on < i:
+                now = [max(a, b) for a, b in zip(now, clock[on])]
+        now[step.stream] = i
+        clock.append(now)
+        last_on[step.stream] = now
+    index = plan.index()
+    gaps = []
+    for layer, graph in enumerate(plan.model.layers):
+        kv = kv_ops(graph)
+        if kv is None:
+            continue
+        for m in cut:
+            writer, reader = index.get((layer, m - 1, kv[0])), index.get((layer, m, kv[1]))
+            if writer is None or reader is None:
+                continue  # a missing step is validation's to report
+            if clock[reader][steps[writer].stream] < writer:
+                gaps.append(f"{kv[1]} (layer {layer}, microbatch {m}, stream "
+                            f"{plan.streams[steps[reader].stream].name}) may run before "
+                            f"{kv[0]} (layer {layer}, microbatch {m - 1}, stream "
+                            f"{plan.streams[steps[writer].stream].name}) writes the KV cache "
+                            "it reads: neither stream order nor a wait puts it after")
+    return gaps

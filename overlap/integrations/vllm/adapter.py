@@ -37,8 +37,9 @@ from overlap.integrations.vllm.config import OverlapConfig
 from overlap.integrations.vllm.graph import INPUTS, layer_graph
 from overlap.ops_graph.graph import Graph, ModelGraph
 from overlap.plan.batch import Batch
+from overlap.plan.deps import unordered_kv_reads
 from overlap.plan.plan import Plan
-from overlap.plan.split import Split, agree, split, split_agreed, whole
+from overlap.plan.split import Split, agree, split, whole
 from overlap.plan.strategies import build_plan
 
 log = logging.getLogger("vllm.overlap")  # under vLLM's logger, so its handlers show it
@@ -47,10 +48,18 @@ MIN_BUCKET = 16  # microbatches up to this many tokens share one bucket
 MAX_CACHED_SPLITS = 256  # distinct query-length tuples whose split is kept
 
 
-def shape_bucket(planned: Split) -> tuple[int, ...]:
+def shape_bucket(planned: Split) -> tuple:
     """The cache key of a split: its microbatch count, then each microbatch's token count
-    rounded up to a power of two (at least :data:`MIN_BUCKET`)."""
-    return (planned.n, *(max(MIN_BUCKET, 1 << (c - 1).bit_length()) for c in planned.token_counts))
+    rounded up to a power of two (at least :data:`MIN_BUCKET`); when a microbatch continues a
+    request the previous one cut, also which do (the plan orders their attention)."""
+    key = (planned.n, *(max(MIN_BUCKET, 1 << (c - 1).bit_length()) for c in planned.token_counts))
+    flags = cut_flags(planned)
+    return (*key, flags) if any(flags) else key
+
+
+def cut_flags(planned: Split) -> tuple[bool, ...]:
+    """Per microbatch: whether it continues a request that the previous microbatch cut."""
+    return tuple(m.continues_request for m in planned.micro)
 
 
 @attrs.define
@@ -86,6 +95,8 @@ class DeepseekOverlap:
         self._trace = config.trace  # written once, by the first planned step
         self.dp = vllm_config.parallel_config.data_parallel_size
         self.enabled = True
+        self.cut_off = ""  # why requests are no longer cut ("" while they may be)
+        self._kv_checked: dict[tuple, str] = {}  # shape bucket of a cut split -> why not
         self.stats: Counter[str] = Counter()
         self.unsupported = _unsupported(model, vllm_config)
         self.timing = False  # record per-step host time (see ``control``); off costs nothing
@@ -187,7 +198,8 @@ class DeepseekOverlap:
             hit = self._splits.get(key)
             if hit is None:
                 batch = md_utils.batch_of(common)
-                hit = (decide_split(batch, self.config, self.dp, self._all_reduce_min)
+                hit = (decide_split(batch, self.config, self.dp, self._all_reduce_min,
+                                    cut=self._cut_check)
                        if batch is not None else (None, "a request has no new token"))
                 if len(self._splits) >= MAX_CACHED_SPLITS:
                     self._splits.clear()
@@ -196,8 +208,42 @@ class DeepseekOverlap:
         batch = md_utils.batch_of(common) if common is not None else None
         if common is not None and batch is None:
             reason = "a request has no new token"
-        planned, why = decide_split(batch, self.config, self.dp, self._all_reduce_min)
+        planned, why = decide_split(batch, self.config, self.dp, self._all_reduce_min,
+                                    cut=self._cut_check)
         return planned, why or reason, pendings
+
+    def _cut_check(self, planned: Split) -> str:
+        """Why ``planned``, which cuts a request, cannot run ("" when it can): cutting is off,
+        or the plan of its shape bucket does not order the continuing microbatch's attention
+        after the KV-cache write it reads (checked once per bucket)."""
+        if self.cut_off:
+            return self.cut_off
+        key = shape_bucket(planned)
+        why = self._kv_checked.get(key)
+        if why is None:
+            if self._layers is None:
+                self.unsupported = self._bind_layers()
+                if self.unsupported:
+                    return self.unsupported
+            plan = self._templates.get(key)
+            if plan is None:  # the one _executor would build for this bucket
+                plan = self._templates[key] = build_plan(self.config.strategy,
+                                                         self._model_graph, planned)
+            gaps = unordered_kv_reads(plan, cut_flags(planned))
+            why = self._kv_checked[key] = (
+                f"the {plan.strategy} plan does not order a cut request's KV cache: {gaps[0]}"
+                if gaps else "")
+            if why:
+                self._stop_cutting(why)
+        return why
+
+    def _stop_cutting(self, reason: str) -> None:
+        """Cut at request boundaries only from now on; the reason is logged once."""
+        self.cut_off = reason
+        self._splits.clear()  # cached splits may cut requests
+        self.stats["cut_stopped"] += 1
+        log.info("overlap: requests are no longer cut, steps split at request boundaries "
+                 "only (%s)", reason)
 
     def _step_common(self, ctx: Any, positions: Any) -> tuple[Any, str, dict[int, Any]]:
         """The step's CommonAttentionMetadata and pending builds, or None and why not."""
@@ -221,7 +267,11 @@ class DeepseekOverlap:
         subs = {}
         for key, pending in pendings.items():
             builders = self._builders.get(pending.builder, planned.n)
-            subs[key] = md_utils.build_microbatch_metadata(pending, planned, builders)
+            try:
+                subs[key] = md_utils.build_microbatch_metadata(pending, planned, builders)
+            except md_utils.CutError as exc:
+                self._stop_cutting(str(exc))
+                raise
         dp_md = self._dp_metadata(ctx, planned) if ctx.dp_metadata is not None else None
         contexts = md_utils.microbatch_contexts(ctx, planned, subs, dp_md)
         prefill = [[s[m] for s in subs.values() if getattr(s[m], "prefill", None) is not None]
@@ -260,6 +310,8 @@ class DeepseekOverlap:
                 ctx.moe_layer_index = max(c.moe_layer_index for c in contexts)
         self.stats["steps_planned"] += 1
         self.stats[f"steps_{planned.n}_microbatches"] += 1
+        if any(cut_flags(planned)):  # a microbatch continued a request the previous one cut
+            self.stats["steps_cut_request"] += 1
         clock = self._clock()
         hidden, _ = model.norm(out["hidden_out"], out["residual_out"])
         self._count_op(clock)
@@ -459,8 +511,15 @@ class DeepseekOverlap:
 
 
 def decide_split(batch: Batch | None, config: OverlapConfig, dp: int,
-                 all_reduce_min: Callable[[int], int]) -> tuple[Split | None, str]:
+                 all_reduce_min: Callable[[int], int],
+                 cut: Callable[[Split], str] | None = None) -> tuple[Split | None, str]:
     """The step's split, or None and why not (``batch`` None: this rank cannot split).
+
+    The split falls on request boundaries when it can (within ``min_tokens`` and
+    ``max_imbalance``): every decode step and every batch of enough even requests. Only when
+    that split is refused, and ``cut`` is given, is a split that cuts a request tried (the same
+    thresholds); ``cut(split)`` says why it cannot run ("" when it can), and then the
+    boundary split's refusal stands.
 
     With ``dp`` > 1 ranks and more than one microbatch every rank votes through
     ``all_reduce_min`` — also a rank that cannot split, so the vote never hangs — and either all
@@ -473,12 +532,13 @@ def decide_split(batch: Batch | None, config: OverlapConfig, dp: int,
             agree(1, all_reduce_min)
         return None, ""
     options = {"min_tokens": config.min_tokens, "max_imbalance": config.max_imbalance}
-    if n == 1:
-        planned = whole(batch)
-    elif agreeing:
-        planned = split_agreed(batch, n, all_reduce_min, **options)
-    else:
-        planned = split(batch, n, **options)
+    planned = whole(batch) if n == 1 else split(batch, n, **options)
+    if planned.n != n and cut is not None:
+        cutting = split(batch, n, split_requests=True, **options)
+        if cutting.n == n and not cut(cutting):
+            planned = cutting
+    if agreeing and agree(planned.n, all_reduce_min) != planned.n:
+        return None, planned.reason or "not split: another data-parallel rank refused"
     if planned.n != n:
         return None, planned.reason or "data-parallel ranks agreed not to split"
     return planned, ""

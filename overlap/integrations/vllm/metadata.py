@@ -3,11 +3,13 @@
 vLLM builds one attention metadata object per step. The plugin's builder hook only remembers
 the inputs of that build (:class:`Pending`) and the builder that made it; when a step is split,
 :func:`build_microbatch_metadata` cuts the step's common metadata per microbatch
-(:func:`slice_common`, equal to vLLM's ``split_attn_metadata`` for request-boundary cuts) and
+(:func:`slice_common`: vLLM's ``split_attn_metadata``, also for a cut inside a request) and
 rebuilds each microbatch's metadata with the builder's *most-derived* ``build`` (the hook sits on
 ``MLACommonMetadataBuilder.build``, but the platform may pick a subclass that adds fields, such
 as CPU ``AMX_MLA``'s ``req_to_token``), and :func:`microbatch_contexts` makes one forward
-context per microbatch with its metadata and its slice of the KV-cache slot mapping.
+context per microbatch with its metadata and its slice of the KV-cache slot mapping. A
+microbatch that continues a cut request must read that request's cached context
+(:func:`check_continuation`).
 
 Builders may keep state between builds (persistent buffers, the MLA prefill backend's prepared
 metadata), so each microbatch gets its own builder, made like the original (what vLLM's
@@ -51,6 +53,11 @@ class Pending:
 
 class SplitError(Exception):
     """The step's metadata cannot be split; the message says why (the step runs stock)."""
+
+
+class CutError(SplitError):
+    """A microbatch that continues a cut request would not read its context: the step runs
+    stock, and the adapter cuts at request boundaries only from then on."""
 
 
 def rebuilding() -> bool:
@@ -130,11 +137,17 @@ def clone_builder(builder: Any) -> Any:
 
 
 def slice_common(common: Any, split: Split) -> list[Any]:
-    """Each microbatch's ``CommonAttentionMetadata``: the step's, cut at request boundaries.
+    """Each microbatch's ``CommonAttentionMetadata``: the step's, cut at the split's token
+    boundaries, which may fall inside a request.
 
-    The same fields and values as vLLM's ``split_attn_metadata`` for such cuts (tested against
-    it), with fewer tensor operations: the request offsets come from one host list, and the
-    per-request tensors are views (nothing here writes to them).
+    The same fields and values as vLLM's ``split_attn_metadata`` (tested against it), with
+    fewer tensor operations: the request offsets come from one host list, and the per-request
+    tensors are views unless a cut changes them. A request cut in two appears in both
+    microbatches: the first piece as a shorter request (its query and ``seq_lens`` end at the
+    cut), the second with its query starting at the cut and the request's full ``seq_lens``, so
+    its context is the first piece's tokens plus what was cached before; its attention reads
+    that context from the KV cache, which the first piece writes (the plan orders it: see
+    :func:`overlap.plan.deps.unordered_kv_reads`).
     """
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
@@ -145,23 +158,31 @@ def slice_common(common: Any, split: Split) -> list[Any]:
     out = []
     for micro in split.micro:
         first, last = micro.pieces[0].request, micro.pieces[-1].request + 1
-        if starts[first] != micro.token_start or starts[last] != micro.token_end:
-            raise SplitError("the split does not fall on request boundaries")
-        local = [x - starts[first] for x in starts[first:last + 1]]
-        query_len = max(b - a for a, b in zip(local, local[1:]))
+        a, b = micro.token_start, micro.token_end
+        head, tail = a - starts[first], starts[last] - b  # tokens cut off either end
+        local = [min(max(x, a), b) - a for x in starts[first:last + 1]]
+        query_len = max(y - x for x, y in zip(local, local[1:]))
+        loc = common.query_start_loc[first:last + 1] - a
+        if head or tail:
+            loc.clamp_(0, b - a)
+        seq = common.seq_lens[first:last]
         seq_upper = upper[first:last] if upper is not None else None
         max_seq = common.max_seq_len
+        if tail:  # the first piece of a cut request: its sequence ends at the cut
+            seq = seq.clone()
+            seq[-1] -= tail
+            if seq_upper is not None:
+                seq_upper = seq_upper.clone()
+                seq_upper[-1] -= tail
         if upper_list is not None:
-            max_seq = max(max_seq, *upper_list[first:last])
+            ups = upper_list[first:last]
+            max_seq = max(max_seq, *ups[:-1], ups[-1] - tail)
         out.append(CommonAttentionMetadata(
-            query_start_loc=common.query_start_loc[first:last + 1] - starts[first],
-            query_start_loc_cpu=starts_cpu.new_tensor(local),
-            seq_lens=common.seq_lens[first:last], num_reqs=last - first,
-            num_actual_tokens=micro.token_end - micro.token_start,
+            query_start_loc=loc, query_start_loc_cpu=starts_cpu.new_tensor(local),
+            seq_lens=seq, num_reqs=last - first, num_actual_tokens=b - a,
             max_query_len=query_len or common.max_query_len, max_seq_len=max_seq,
             block_table_tensor=common.block_table_tensor[first:last],
-            slot_mapping=common.slot_mapping[micro.token_start:micro.token_end],
-            seq_lens_cpu_upper_bound=seq_upper))
+            slot_mapping=common.slot_mapping[a:b], seq_lens_cpu_upper_bound=seq_upper))
     return out
 
 
@@ -175,13 +196,34 @@ def build_microbatch_metadata(pending: Pending, split: Split, builders: list[Any
     try:
         commons = slice_common(pending.common, split)
         with _rebuild_guard():
-            return [type(b).build(b, pending.common_prefix_len, c, pending.fast_build)
-                    for b, c in zip(builders, commons)]
+            built = [type(b).build(b, pending.common_prefix_len, c, pending.fast_build)
+                     for b, c in zip(builders, commons)]
+        for micro, metadata in zip(split.micro, built):
+            if micro.continues_request:
+                check_continuation(metadata, name)
+        return built
     except SplitError:
         raise
     except Exception as exc:
         raise SplitError(f"{name} could not build microbatch metadata: "
                          f"{type(exc).__name__}: {exc}") from exc
+
+
+def check_continuation(metadata: Any, name: str) -> None:
+    """Raise :class:`CutError` unless ``metadata`` (a microbatch whose first request continues
+    one the previous microbatch cut) makes that request's attention read its context.
+
+    vLLM orders decode rows first, so the continued request is row 0: a decode row reads its
+    whole sequence from the KV cache; a prefill row reads the cached part through MLA's
+    chunked-context metadata (``prefill.chunked_context``; AMX_MLA's extend kernel reads the
+    same context). A builder whose metadata has neither is not one this cut can serve.
+    """
+    if getattr(metadata, "num_decodes", 0):
+        return
+    prefill = getattr(metadata, "prefill", None)
+    if getattr(prefill, "chunked_context", None) is None:
+        raise CutError(f"{name} built no cached context for a request cut by the previous "
+                       "microbatch (its second piece would not attend to the first)")
 
 
 def bind_prefill(metadata: Any) -> None:
