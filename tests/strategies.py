@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from overlap.ops_graph import Collective, Comm, Formula, Graph, Op, OpCost, OpKind
+from overlap.ops_graph import Collective, Comm, Formula, Graph, Op, OpCost, OpKind, Routing
 
 formulas = st.builds(
     Formula,
@@ -16,6 +16,15 @@ formulas = st.builds(
     saturating=st.floats(0, 1e9),
     hit=st.floats(0, 1),
 )
+@st.composite
+def routings(draw: st.DrawFn) -> Routing:
+    """An expert routing: top-k of E experts in ``groups`` groups, at most ``max_groups`` used."""
+    groups = draw(st.sampled_from([1, 2, 4, 8]))
+    experts = groups * draw(st.integers(1, 32))
+    return Routing(draw(st.integers(1, min(experts, 9))), experts, groups,
+                   draw(st.integers(1, groups)))
+
+
 costs = st.builds(OpCost, flops=formulas, vector_flops=formulas, hbm_bytes=formulas,
                   comm_bytes=formulas, dtype=st.sampled_from(["bf16", "int8", "fp8"]))
 
@@ -35,8 +44,10 @@ def graphs(draw: st.DrawFn, max_ops: int = 12, comm_groups: tuple[str, ...] = ("
         kind = draw(st.sampled_from(list(OpKind)))
         comm = None
         if kind is OpKind.COMM:
-            comm = Comm(draw(st.sampled_from(list(Collective))), draw(st.sampled_from(comm_groups)),
-                        draw(st.integers(1, 64)))
+            collective = draw(st.sampled_from(list(Collective)))
+            routing = draw(st.none() | routings()) if collective is Collective.ALL_TO_ALL else None
+            comm = Comm(collective, draw(st.sampled_from(comm_groups)), draw(st.integers(1, 64)),
+                        routing)
         cost = draw(costs) if draw(st.booleans()) else OpCost()
         ops.append(Op(f"op{i}", kind, reads, writes, comm=comm, cost=cost,
                       role=draw(st.sampled_from(["", "attn", "dispatch", "experts"]))))

@@ -9,6 +9,7 @@ import pytest
 from overlap import ConfigError
 from overlap.ops_graph import Collective, OpKind, Role, Shape
 from overlap.ops_graph.templates import ModelConfig, ParallelConfig, build_model, layer_graph, load_model
+from overlap.ops_graph.templates.config import PRESETS
 
 EP16 = ParallelConfig(ep=16)
 T = 4096
@@ -177,3 +178,20 @@ def test_single_rank_moe_has_no_collectives():
     g = layer_graph("deepseek-v3", ParallelConfig())
     assert g.of_kind(OpKind.COMM) == ()
     assert g.order == ("attn", "gate", "experts", "shared", "merge")
+
+
+def test_deepseek_v3_expert_all_to_alls_carry_its_group_limited_routing():
+    """Dispatch and combine say how tokens fan out (top-8 of 256 in 4 of 8 groups), so the cost
+    model can count DeepEP's once-per-node sends."""
+    from overlap.ops_graph import Routing
+
+    model = build_model("deepseek-v3", ParallelConfig(ep=64), num_layers=4)
+    moe = model.layers[3]
+    assert moe["dispatch"].comm.routing == moe["combine"].comm.routing == Routing(8, 256, 8, 4)
+
+
+def test_group_count_must_divide_the_experts():
+    """A config whose n_group does not split the routed experts is refused by name."""
+    config = {**PRESETS["deepseek-v3"], "n_group": 7}
+    with pytest.raises(ConfigError, match=r"^'n_group' \(7\) must divide 'n_routed_experts' \(256\)"):
+        ModelConfig.from_hf(config)

@@ -87,7 +87,7 @@ def _price(op, shape, hw: Hardware, comm_mode: str) -> tuple[str, str, float, bo
     if op.kind is OpKind.COMM:
         mode = comm_mode if op.comm.collective is Collective.ALL_TO_ALL else "normal"
         return "comm", "link", collective_time(op.comm.collective, fig.comm_bytes, op.comm.size, hw,
-                                               mode=mode), mode != "low_latency"
+                                               mode=mode, routing=op.comm.routing), mode != "low_latency"
     t = op_time(fig, hw)
     seconds = t.total_s - t.launch_s  # the launch is paid on the host when the step is issued
     if op.kind is OpKind.HOST:

@@ -108,6 +108,11 @@ class Hardware:
     # per destination node and forwarding it over NVLink; calibration sets it when a measured
     # comm factor below 1 cannot be folded into the link efficiencies (they would exceed 1).
     comm_bytes_factor: float = attrs.field(default=1.0, validator=_positive)
+    # Normal-mode expert all-to-all as DeepEP runs it: a token crosses RDMA once per remote
+    # destination node and is forwarded over the scale-up link to each destination rank there
+    # (overlap.cost.collectives). False: every (token, expert) copy is sent on its own.
+    all_to_all_forwarding: bool = attrs.field(default=False,
+                                              validator=attrs.validators.instance_of(bool))
     notes: str = ""
 
     def matrix_efficiency_at(self, flops: float) -> float:
@@ -198,6 +203,7 @@ def _nvidia_hopper(name: str, **figures: Any) -> Hardware:
         compute_units=132,
         separate_vector_units=False,
         comm_compute_share=20 / 132,
+        all_to_all_forwarding=True,
         matrix_efficiency=0.70,
         matrix_half_flops=25e9,
         vector_efficiency=0.6,

@@ -3,7 +3,7 @@
 from overlap.ops_graph.authoring import GraphBuilder, graph_of, op
 from overlap.ops_graph.cost import CostFigures, Formula, OpCost
 from overlap.ops_graph.graph import Graph, ModelGraph
-from overlap.ops_graph.op import Collective, Comm, Op, OpKind, Role
+from overlap.ops_graph.op import Collective, Comm, Op, OpKind, Role, Routing
 from overlap.ops_graph.shape import Shape
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "OpCost",
     "OpKind",
     "Role",
+    "Routing",
     "Shape",
     "graph_of",
     "op",

@@ -27,7 +27,7 @@ import attrs
 from overlap.errors import GraphError
 from overlap.ops_graph.cost import FREE, OpCost
 from overlap.ops_graph.graph import Graph
-from overlap.ops_graph.op import Collective, Comm, Op, OpKind
+from overlap.ops_graph.op import Collective, Comm, Op, OpKind, Routing
 
 F = TypeVar("F", bound=Callable[..., Any])
 Names = str | Iterable[str]
@@ -54,9 +54,10 @@ class GraphBuilder:
 
     def comm(self, name: str, collective: Collective | str, group: str, reads: Names,
              writes: Names, *, size: int = 1, cost: OpCost = FREE, role: str = "",
-             fn: Callable[..., Any] | None = None) -> GraphBuilder:
-        """Append a collective on process group ``group`` of ``size`` ranks."""
-        comm = Comm(collective, group, size)
+             fn: Callable[..., Any] | None = None, routing: Routing | None = None) -> GraphBuilder:
+        """Append a collective on process group ``group`` of ``size`` ranks (``routing``: how an
+        expert all-to-all's tokens fan out)."""
+        comm = Comm(collective, group, size, routing)
         return self.add(Op(name, OpKind.COMM, reads, writes, comm=comm, cost=cost, role=role, fn=fn))
 
     def host(self, name: str, reads: Names, writes: Names, *, cost: OpCost = FREE,

@@ -281,6 +281,8 @@ def _op_to_dict(op: Op) -> dict[str, Any]:
     if op.comm is not None:
         out["comm"] = {"collective": op.comm.collective.value, "group": op.comm.group,
                        "size": op.comm.size}
+        if op.comm.routing is not None:
+            out["comm"]["routing"] = attrs.asdict(op.comm.routing)
     cost = op.cost.to_dict()
     if cost:
         out["cost"] = cost

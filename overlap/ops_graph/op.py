@@ -57,13 +57,45 @@ class Role:
     TP_COMM = "tp_comm"  # tensor-parallel all-reduce / all-gather / reduce-scatter
 
 
+def _at_least_one(instance: object, attribute: attrs.Attribute, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{attribute.name!r} must be an integer >= 1 (got {value!r})")
+
+
+@attrs.frozen
+class Routing:
+    """How an expert all-to-all's tokens fan out, so the cost model can count what really moves.
+
+    The op's ``comm_bytes`` count ``topk`` copies of each token (one per chosen expert) of
+    ``experts`` routed experts spread evenly over the group. Group-limited routing (DeepSeek-V3's
+    ``n_group`` / ``topk_group``) picks a token's experts inside ``max_groups`` of ``groups``
+    contiguous expert groups; ``max_groups >= groups`` means no limit.
+    """
+
+    topk: int = attrs.field(validator=_at_least_one)
+    experts: int = attrs.field(validator=_at_least_one)
+    groups: int = attrs.field(default=1, validator=_at_least_one)
+    max_groups: int = attrs.field(default=1, validator=_at_least_one)
+
+    def __attrs_post_init__(self) -> None:
+        if self.topk > self.experts:
+            raise ValueError(f"'topk' ({self.topk}) must be <= 'experts' ({self.experts})")
+        if self.experts % self.groups:
+            raise ValueError(f"'experts' ({self.experts}) must split evenly into 'groups' "
+                             f"({self.groups})")
+
+
 @attrs.frozen
 class Comm:
-    """The collective of a COMM op and the process group it runs on."""
+    """The collective of a COMM op and the process group it runs on; ``routing`` (expert
+    all-to-alls only) says how its tokens fan out over the group."""
 
     collective: Collective = attrs.field(converter=Collective)
     group: str
     size: int = attrs.field(default=1)
+    routing: Routing | None = attrs.field(
+        default=None, converter=lambda r: Routing(**r) if isinstance(r, dict) else r,
+        validator=attrs.validators.optional(attrs.validators.instance_of(Routing)))
 
     @size.validator
     def _check_size(self, attribute: attrs.Attribute, value: int) -> None:

@@ -13,7 +13,7 @@ import attrs
 from overlap.errors import ConfigError
 from overlap.ops_graph.authoring import GraphBuilder
 from overlap.ops_graph.cost import DTYPES, Formula, OpCost
-from overlap.ops_graph.op import Collective, Role
+from overlap.ops_graph.op import Collective, Role, Routing
 from overlap.ops_graph.templates.config import ModelConfig, ParallelConfig
 
 ACT_BYTES = 2  # activations stay bf16 between ops, whatever the GEMM dtype
@@ -133,14 +133,15 @@ def feed_forward(b: GraphBuilder, m: ModelConfig, par: ParallelConfig, p: Precis
         routed_out = "routed" if m.n_shared_experts else out
         if mode == "all_to_all":
             ep = par.ep
+            routing = Routing(k, m.n_routed_experts, m.n_group, m.topk_group)
             b.comm("dispatch", Collective.ALL_TO_ALL, "ep", ("moe_in", "topk"), "recv", size=ep,
-                   cost=comm(k * h * p.dispatch_bytes), role=Role.DISPATCH)
+                   cost=comm(k * h * p.dispatch_bytes), role=Role.DISPATCH, routing=routing)
             hit = 1.0 - (1.0 - k / m.n_routed_experts) ** ep  # a local token's share of hits
             b.compute("experts", "recv", "expert_out", role=Role.EXPERTS,
                       cost=routed_experts(m, p, experts=-(-m.n_routed_experts // ep),
                                           inner=m.moe_intermediate_size, rows=k, hit=hit))
             b.comm("combine", Collective.ALL_TO_ALL, "ep", "expert_out", routed_out, size=ep,
-                   cost=comm(k * h * ACT_BYTES), role=Role.COMBINE)
+                   cost=comm(k * h * ACT_BYTES), role=Role.COMBINE, routing=routing)
         else:
             hit = 1.0 - (1.0 - k / m.n_routed_experts) ** gathered
             b.compute("experts", (src, topk), routed_out, role=Role.EXPERTS,

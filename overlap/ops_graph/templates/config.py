@@ -70,6 +70,10 @@ class ModelConfig:
     n_shared_experts: int = attrs.field(default=0, validator=_non_negative)
     first_k_dense_replace: int = attrs.field(default=0, validator=_non_negative)
     vocab_size: int = attrs.field(default=0, validator=_non_negative)
+    # Group-limited routing (DeepSeek-V2/V3): a token's experts lie in topk_group of n_group
+    # expert groups; with groups on separate nodes, that bounds the nodes a token is sent to.
+    n_group: int = attrs.field(default=1, validator=_positive)
+    topk_group: int = attrs.field(default=1, validator=_positive)
     # MLA (DeepSeek)
     q_lora_rank: int | None = attrs.field(default=None, validator=_count(1, optional=True))
     kv_lora_rank: int = attrs.field(default=0, validator=_non_negative)
@@ -89,6 +93,9 @@ class ModelConfig:
                 f"'num_experts_per_tok' ({self.num_experts_per_tok}) must be <= "
                 f"'n_routed_experts' ({self.n_routed_experts})"
             )
+        if self.n_routed_experts % self.n_group or self.topk_group > self.n_group:
+            raise ConfigError(f"'n_group' ({self.n_group}) must divide 'n_routed_experts' "
+                              f"({self.n_routed_experts}) and be >= 'topk_group' ({self.topk_group})")
         if self.family == "deepseek" and not (self.kv_lora_rank and self.qk_rope_head_dim):
             raise ConfigError(f"model {self.name!r}: MLA needs kv_lora_rank and qk_rope_head_dim")
         if self.family == "qwen3_moe" and not (self.num_kv_heads and self.head_dim):
@@ -124,6 +131,8 @@ class ModelConfig:
                     n_routed_experts=config["n_routed_experts"],
                     n_shared_experts=get("n_shared_experts") or 0,
                     first_k_dense_replace=get("first_k_dense_replace", 0),
+                    n_group=get("n_group") or 1,
+                    topk_group=get("topk_group") or 1,
                     q_lora_rank=get("q_lora_rank"),
                     kv_lora_rank=config["kv_lora_rank"],
                     qk_nope_head_dim=config["qk_nope_head_dim"],
@@ -162,14 +171,14 @@ PRESETS: Mapping[str, Mapping[str, Any]] = {
         "deepseek_v3", hidden_size=7168, num_hidden_layers=61, num_attention_heads=128,
         intermediate_size=18432, moe_intermediate_size=2048, n_routed_experts=256,
         num_experts_per_tok=8, n_shared_experts=1, first_k_dense_replace=3, vocab_size=129280,
-        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-        v_head_dim=128),
+        n_group=8, topk_group=4, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128),
     "deepseek-v2": _hf(
         "deepseek_v2", hidden_size=5120, num_hidden_layers=60, num_attention_heads=128,
         intermediate_size=12288, moe_intermediate_size=1536, n_routed_experts=160,
         num_experts_per_tok=6, n_shared_experts=2, first_k_dense_replace=1, vocab_size=102400,
-        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-        v_head_dim=128),
+        n_group=8, topk_group=3, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128),
     "deepseek-v2-lite": _hf(
         "deepseek_v2", hidden_size=2048, num_hidden_layers=27, num_attention_heads=16,
         intermediate_size=10944, moe_intermediate_size=1408, n_routed_experts=64,
