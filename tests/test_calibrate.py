@@ -5,8 +5,11 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import statistics
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from overlap.cost import HARDWARE, Measurement, collective_time, fit, load_measurements, op_time
 from overlap.errors import ConfigError
@@ -203,3 +206,27 @@ def test_fit_roles_gives_one_factor_per_role():
     assert fit_roles(predicted, measured, roles) == {"mla_matrix": 2.0, "norm": 5.0, "combine": 0.5}
     with pytest.raises(ConfigError, match=r"^no op names in common"):
         fit_roles({"x": ("compute", 1.0)}, measured)
+
+
+@given(layers=st.lists(st.tuples(st.floats(1e-4, 1.0), st.floats(1e-4, 1.0)), min_size=2,
+                       max_size=8),
+       predicted=st.tuples(st.floats(1e-4, 1.0), st.floats(1e-4, 1.0)))
+def test_held_out_error_of_a_role_factor_is_the_measured_floor(layers, predicted):
+    """With the same prediction for every layer, a role's factor fitted on one set of layers
+    predicts another set exactly as well as the first set's measurement does: the held-out
+    ratio is (fit-layer measurement) / (test-layer measurement), whatever the prediction
+    (benchmarks/fidelity.py prints this floor)."""
+    from overlap.cost import fit_roles
+
+    half = len(layers) // 2
+    fit_on, test_on = layers[:half], layers[half:]
+    ops, roles = ("a", "b"), {"a": "r", "b": "r"}
+    pred = {op: ("compute", p) for op, p in zip(ops, predicted)}
+    measured = [Measurement(op, d) for layer in fit_on for op, d in zip(ops, layer)]
+    factor = fit_roles(pred, measured, roles)["r"]
+
+    def role_seconds(on):
+        return sum(statistics.median(layer[i] for layer in on) for i in range(2))
+
+    after = sum(predicted) * factor / role_seconds(test_on)
+    assert after == pytest.approx(role_seconds(fit_on) / role_seconds(test_on), rel=1e-9)

@@ -104,9 +104,10 @@ class Hardware:
     # 0 keeps one flat fraction (presets without kernel-level measurements).
     matrix_half_flops: float = attrs.field(default=0.0, validator=_non_negative)
     # A correction of the collective bytes model (1: bytes as the op's cost counts them). Below
-    # 1 where the real kernels move less than the model counts, e.g. DeepEP sending a token once
-    # per destination node and forwarding it over NVLink; calibration sets it when a measured
-    # comm factor below 1 cannot be folded into the link efficiencies (they would exceed 1).
+    # 1 where the real kernels move less than the model counts (an all-to-all priced without
+    # all_to_all_forwarding that really deduplicates per node, say); calibration sets it when a
+    # measured comm factor below 1 cannot be folded into the link efficiencies (they would
+    # exceed 1).
     comm_bytes_factor: float = attrs.field(default=1.0, validator=_positive)
     # Normal-mode expert all-to-all as DeepEP runs it: a token crosses RDMA once per remote
     # destination node and is forwarded over the scale-up link to each destination rank there
