@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -30,7 +31,7 @@ def test_graph_command_prints_layers_and_writes_json(tmp_path, capsys):
     assert main(["graph", "--ep", "16", "--json", str(path)]) == 0
     out = capsys.readouterr().out
     assert "model deepseek-v3 (61 layers; 0-2: deepseek-v3.dense, 3-60: deepseek-v3.moe)" in out
-    assert "dispatch  comm all_to_all@ep[16]" in out
+    assert re.search(r"\bdispatch +comm all_to_all@ep\[16\]", out)  # columns fit the names
     assert json.loads(path.read_text())["layers"][3] == 1
 
 

@@ -84,10 +84,12 @@ def test_sglang_decode_is_deepseeks_five_stage_decode():
 
 
 def test_deepseek_prefill_compute_lane_matches_the_figure():
-    """Compute: ATTN(0) SHARED(1) ATTN(1) MLP(0) MLP(1) SHARED(0), labels as in the docstring."""
+    """Compute: ATTN(0) SHARED(1) ATTN(1) MLP(0) MLP(1) SHARED(0), labels as in the docstring
+    (MLP: the routed experts between their permute and unpermute)."""
     assert _steady("deepseek_prefill")["compute"].split() == [
-        "attn(0)", "gate(0)", "shared(1)'", "merge(1)'", "attn(1)", "gate(1)", "experts(0)",
-        "experts(1)", "shared(0)", "merge(0)"]
+        "attn(0)", "gate(0)", "shared(1)'", "merge(1)'", "attn(1)", "gate(1)", "permute(0)",
+        "experts(0)", "unpermute(0)", "permute(1)", "experts(1)", "unpermute(1)", "shared(0)",
+        "merge(0)"]
 
 
 def test_deepseek_decode_runs_shared_experts_under_the_dispatch():
@@ -194,7 +196,9 @@ def test_one_batch_strategies_chunk_the_moe_chain(name, chunked_dispatch):
     assert [op.name for op in moe.of_role("combine")] == [f"combine_c{k}" for k in range(4)]
     dispatch = [op.name for op in moe.of_role("dispatch")]
     assert dispatch == ([f"dispatch_c{k}" for k in range(4)] if chunked_dispatch else ["dispatch"])
-    assert moe.deps["combine_c1"] == ("experts_c1",)  # a chunk combines once its experts finish
+    assert [op.name for op in moe.of_role("permute")] == [
+        f"{name}_c{k}" for k in range(4) for name in ("permute", "unpermute")]
+    assert moe.deps["combine_c1"] == ("unpermute_c1",)  # a chunk combines once its experts finish
 
 
 def test_chunks_hold_a_share_of_the_work_and_no_extra_weight_reads():
@@ -257,7 +261,8 @@ def test_graph_with_callables_runs_unchunked_and_says_why():
                                     for g in model.layers])
     plan = build_plan("chunked_experts", bound, s)
     assert plan.options["chunks"] == 1
-    assert plan.options["fallback"].startswith("ops combine, dispatch, experts carry callables")
+    assert plan.options["fallback"].startswith("ops combine, dispatch, experts, permute, unpermute "
+                                               "carry callables")
     assert "experts" in plan.model.layers[-1]
 
 

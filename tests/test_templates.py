@@ -24,9 +24,11 @@ def test_deepseek_v3_has_3_dense_then_58_moe_layers():
 
 
 def test_ep_moe_layer_ops():
-    """EP MoE layer: attention, gate, dispatch, experts, combine, shared experts, merge."""
+    """EP MoE layer: attention, gate, dispatch, permute, experts, unpermute, combine, shared
+    experts, merge."""
     g = layer_graph("deepseek-v3", EP16)
-    assert g.order == ("attn", "gate", "dispatch", "experts", "combine", "shared", "merge")
+    assert g.order == ("attn", "gate", "dispatch", "permute", "experts", "unpermute", "combine",
+                       "shared", "merge")
     assert g["dispatch"].comm.collective is Collective.ALL_TO_ALL and g["dispatch"].comm.size == 16
     assert g["shared"].reads == ("moe_in",)  # beside dispatch, not after it
     assert len(g.of_kind(OpKind.COMM)) == 2
@@ -38,8 +40,11 @@ def test_attention_grains():
     two = layer_graph("deepseek-v3", EP16, attention="two_stage")
     assert [o.name for o in two.ops[:2]] == ["attn0", "attn1"]
     fine = layer_graph("deepseek-v3", EP16, attention="fine")
-    assert [o.name for o in fine.of_role(Role.MLA_VECTOR)] == ["q_norm", "q_rope", "kv_prep"]
-    assert [o.name for o in fine.of_role(Role.MLA_MATRIX)] == ["q_a", "q_b", "kv_a"]
+    assert [o.name for o in fine.of_role(Role.MLA_VECTOR)] == ["q_norm", "q_rope", "kv_prep",
+                                                               "kv_expand"]
+    assert [o.name for o in fine.of_role(Role.MLA_MATRIX)] == ["q_a", "q_b", "kv_a", "kv_b"]
+    decode = layer_graph("deepseek-v3", EP16, attention="fine", phase="decode")
+    assert "kv_b" not in decode and "kv_expand" not in decode  # absorbed: no per-context up-proj
 
 
 def test_grains_have_the_same_total_cost():
@@ -81,7 +86,8 @@ def test_deepseek_v3_flops_by_hand():
     assert flops["shared"] == 3 * 2 * 7168 * 2048 == 88_080_384
     # Prefill attention: kv_b up-projects each context token; scores and values per pair.
     pairs = T * (T + 1) // 2
-    assert g["core_attn"].cost(shape).flops == 2 * 512 * 128 * 256 * T + 2 * 128 * 320 * pairs
+    assert g["kv_b"].cost(shape).flops == 2 * 512 * 128 * 256 * T
+    assert g["core_attn"].cost(shape).flops == 2 * 128 * 320 * pairs
     dense = layer_graph("deepseek-v3", EP16, routed=False)
     assert dense["mlp"].cost(shape).flops / T == 3 * 2 * 7168 * 18432 == 792_723_456
 
@@ -112,7 +118,7 @@ def test_qwen3_moe_has_no_shared_experts_or_merge():
     m = build_model("qwen3-moe-30b", ParallelConfig(ep=8))
     assert len(m) == 48 and len(m.distinct()) == 1
     g = m.layers[0]
-    assert g.order == ("attn", "gate", "dispatch", "experts", "combine")
+    assert g.order == ("attn", "gate", "dispatch", "permute", "experts", "unpermute", "combine")
     assert g["combine"].writes == ("hidden_out",)
     fine = layer_graph("qwen3-moe-30b", ParallelConfig(ep=8), attention="fine")
     assert fine["qkv"].cost(Shape.prefill(10)).flops == 10 * 2 * 2048 * (32 + 8) * 128
@@ -177,7 +183,7 @@ def test_single_rank_moe_has_no_collectives():
     """With tp=1 and ep=1 every expert is local: no size-1 collective is planned."""
     g = layer_graph("deepseek-v3", ParallelConfig())
     assert g.of_kind(OpKind.COMM) == ()
-    assert g.order == ("attn", "gate", "experts", "shared", "merge")
+    assert g.order == ("attn", "gate", "permute", "experts", "unpermute", "shared", "merge")
 
 
 def test_deepseek_v3_expert_all_to_alls_carry_its_group_limited_routing():

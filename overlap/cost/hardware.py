@@ -100,9 +100,12 @@ class Hardware:
     intra_link_efficiency: float = attrs.field(validator=_fraction)
     inter_link_efficiency: float = attrs.field(validator=_fraction)
     # Achieved GEMM efficiency falls for small GEMMs (tile quantisation, wave tails, the fixed
-    # prologue/epilogue): a matmul of F FLOPs reaches matrix_efficiency * F / (F + this).
+    # launch prologue): a matmul of F FLOPs reaches matrix_efficiency * F / (F + this).
     # 0 keeps one flat fraction (presets without kernel-level measurements).
     matrix_half_flops: float = attrs.field(default=0.0, validator=_non_negative)
+    # ... and for a short reduction: every output tile pays a fixed epilogue, so a GEMM of depth
+    # K reaches matrix_efficiency * K / (K + this) (priced through CostFigures.matrix_outputs).
+    matrix_half_k: float = attrs.field(default=0.0, validator=_non_negative)
     # A correction of the collective bytes model (1: bytes as the op's cost counts them). Below
     # 1 where the real kernels move less than the model counts (an all-to-all priced without
     # all_to_all_forwarding that really deduplicates per node, say); calibration sets it when a
@@ -116,11 +119,13 @@ class Hardware:
                                               validator=attrs.validators.instance_of(bool))
     notes: str = ""
 
-    def matrix_efficiency_at(self, flops: float) -> float:
-        """The fraction of the matrix peak a GEMM of ``flops`` FLOPs reaches."""
-        if not self.matrix_half_flops:
+    def matrix_efficiency_at(self, flops: float, outputs: float = 0.0) -> float:
+        """The fraction of the matrix peak a GEMM of ``flops`` FLOPs and ``outputs`` output
+        elements (M x N) reaches."""
+        if not flops:
             return self.matrix_efficiency
-        return self.matrix_efficiency * flops / (flops + self.matrix_half_flops)
+        overhead = self.matrix_half_flops + 2.0 * self.matrix_half_k * outputs
+        return self.matrix_efficiency * flops / (flops + overhead)
 
     @property
     def matrix_tflops(self) -> Mapping[str, float]:
@@ -205,8 +210,9 @@ def _nvidia_hopper(name: str, **figures: Any) -> Hardware:
         separate_vector_units=False,
         comm_compute_share=20 / 132,
         all_to_all_forwarding=True,
-        matrix_efficiency=0.70,
-        matrix_half_flops=25e9,
+        matrix_efficiency=0.68,
+        matrix_half_flops=5e9,
+        matrix_half_k=540.0,
         vector_efficiency=0.6,
         memory_efficiency=0.85,
         intra_link_efficiency=0.8,

@@ -12,10 +12,13 @@ are bound by the matrix units, decode (few tokens, all weights read) by device m
     total_s  = launch_overhead + max(compute, memory_s)
 
 ``matrix_efficiency(flops)`` is the preset's ``matrix_efficiency`` times ``flops / (flops +
-matrix_half_flops)`` (small GEMMs reach less of the peak; a flat fraction where the preset has
-no ``matrix_half_flops``). ``share`` is the fraction of the device the op gets. The simulator
-lowers it when a collective kernel occupies compute units or when two compute streams run at
-once; memory bandwidth is scaled too, because concurrent kernels split it as well.
+matrix_half_flops + 2 * matrix_half_k * matrix_outputs)``: small GEMMs reach less of the peak
+(wave tails, launch prologue), and so do GEMMs with a short reduction, because every output
+tile pays a fixed epilogue (a single GEMM of depth K reaches ``K / (K + matrix_half_k)`` of
+it). A flat fraction where the preset has neither figure. ``share`` is the fraction of the
+device the op gets. The simulator lowers it when a collective kernel occupies compute units or
+when two compute streams run at once; memory bandwidth is scaled too, because concurrent
+kernels split it as well.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def op_time(fig: CostFigures, hw: Hardware, *, compute_share: float = 1.0) -> Op
     """Roofline time of an op with cost ``fig`` on ``hw`` given ``compute_share`` of the device."""
     if not (isinstance(compute_share, (int, float)) and 0 < compute_share <= 1):
         raise ConfigError(f"'compute_share' must be in (0, 1] (got {compute_share!r})")
-    for field in ("flops", "vector_flops", "hbm_bytes"):
+    for field in ("flops", "vector_flops", "hbm_bytes", "matrix_outputs"):
         value = getattr(fig, field)
         if not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"{field!r} must be >= 0 (got {value!r})")
@@ -62,8 +65,9 @@ def op_time(fig: CostFigures, hw: Hardware, *, compute_share: float = 1.0) -> Op
     matrix_s = 0.0
     if fig.flops:
         peak = hw.matrix_peak_tflops(fig.dtype) * 1e12
-        # = flops / (peak * matrix_efficiency_at(flops) * share), without underflow for tiny ops
-        matrix_s = (fig.flops + hw.matrix_half_flops) / (peak * hw.matrix_efficiency * compute_share)
+        # = flops / (peak * matrix_efficiency_at(...) * share), without underflow for tiny ops
+        overhead = hw.matrix_half_flops + 2.0 * hw.matrix_half_k * fig.matrix_outputs
+        matrix_s = (fig.flops + overhead) / (peak * hw.matrix_efficiency * compute_share)
     vector_s = fig.vector_flops / (hw.vector_tflops * 1e12 * hw.vector_efficiency * compute_share)
     memory_s = fig.hbm_bytes / (hw.hbm_gbps * 1e9 * hw.memory_efficiency * compute_share)
 

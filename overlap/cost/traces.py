@@ -255,33 +255,46 @@ def _deepseek_rules() -> list[dict[str, Any]]:
         # Attention: FlashAttention-3 forward (prefill / training), FlashMLA (decode).
         {"match": r"flash::compute_attn|flash_fwd|FlashAttnFwd|flash_mla|flashmla", "op": "core_attn",
          "role": "core_attn"},
-        # MoE permute / unpermute around the grouped GEMMs.
+        # MoE permute (index building, rows into expert order, their scales' transpose) and
+        # unpermute (the weighted sum back) around the grouped GEMMs.
         {"match": r"expand_to_fused|get_fused_mapping|clean_and_count_expert|moe_permute",
-         "op": "experts", "role": "permute"},
-        {"match": r"reduce_fused|moe_unpermute", "op": "experts", "role": "permute"},
+         "op": "permute", "role": "permute"},
+        {"match": r"reduce_fused|moe_unpermute", "op": "unpermute", "role": "permute"},
         {"match": r"m_grouped_fp8|m_grouped_gemm|grouped_gemm.*masked", "op": "experts",
          "role": "gemm"},
+        # SwiGLU with the down projection's FP8 cast fused in: the FFN's own activation kernel.
         {"match": r"swiglu_forward_with_weight_and_per_token_cast_to_fp8_with_channels_impl"
-                  r"<__nv_bfloat16, true", "op": "experts", "role": "fp8_cast"},
-        {"match": r"swiglu_forward_with_weight_and_per_token_cast", "op": "shared", "role": "fp8_cast"},
-        {"match": r"batched_transpose", "segment": fwd_mlp, "op": "experts", "role": "permute"},
+                  r"<__nv_bfloat16, true", "op": "experts", "role": "activation"},
+        {"match": r"swiglu_forward_with_weight_and_per_token_cast", "op": "shared",
+         "role": "activation"},
+        *({"match": r"batched_transpose", "segment": fwd_mlp, "nth": n, "op": op, "role": role}
+          for n, (op, role) in enumerate((("permute", "permute"), ("experts", "fp8_cast")))),
+        *({"match": r"direct_copy_kernel", "segment": fwd_mlp, "nth": n, "op": op,
+           "role": "elementwise"} for n, op in enumerate(("permute", "experts"))),
+        {"match": r"fill_tensormaps", "segment": fwd_mlp, "op": "experts", "role": "gemm"},
         # The dense fp8 GEMMs of a forward attention block, in launch order.
         *({"match": gemm, "segment": fwd_attn, "nth": n, "op": op, "role": "gemm"}
-          for n, op in enumerate(("q_a", "kv_a", "q_b", "core_attn", "o_proj"))),
+          for n, op in enumerate(("q_a", "kv_a", "q_b", "kv_b", "o_proj"))),
         *({"match": gemm, "segment": fwd_mlp, "nth": n, "op": op, "role": "gemm"}
           for n, op in enumerate(("shared", "shared"))),
         # Without annotations: the same GEMMs in one layer's order (attention, then shared).
         *({"match": gemm, "segment": layer, "nth": n, "op": op, "role": "gemm"}
-          for n, op in enumerate(("q_a", "kv_a", "q_b", "core_attn", "o_proj", "shared", "shared"))),
-        # FP8 activation casts before each GEMM; the last one of attention quantises the dispatch.
+          for n, op in enumerate(("q_a", "kv_a", "q_b", "kv_b", "o_proj", "shared", "shared"))),
+        # FP8 activation casts (and DeepGEMM's transpose of their scales) before each GEMM, in
+        # launch order; the last cast of attention quantises the FFN input (dispatch + shared).
         *({"match": cast, "segment": fwd_attn, "nth": n, "op": op, "role": "fp8_cast"}
-          for n, op in enumerate(("q_a", "kv_a", "q_b", "core_attn", "o_proj", "gate"))),
-        {"match": r"per_token_cast_to_fp8_with_fp8_special_fmt", "op": "o_proj", "role": "fp8_cast"},
-        {"match": cast, "segment": fwd_mlp, "op": "shared", "role": "fp8_cast"},
+          for n, op in enumerate(("q_a_quant", "kv_a_quant", "q_b_quant", "kv_b_quant",
+                                  "o_proj_quant", "ffn_quant"))),
         *({"match": transpose, "segment": fwd_attn, "nth": n, "op": op, "role": "fp8_cast"}
-          for n, op in enumerate(("q_a", "kv_a", "q_b", "core_attn", "o_proj"))),
+          for n, op in enumerate(("q_a_quant", "kv_a_quant", "q_b_quant", "kv_b_quant",
+                                  "o_proj_quant"))),
         {"match": transpose, "segment": fwd_mlp, "op": "shared", "role": "fp8_cast"},
-        {"match": r"fill_tensormaps", "segment": fwd_mlp, "op": "experts", "role": "fp8_cast"},
+        # Training only (DeepSeek-V3 report, 3.3.3): the attention output cached for the backward
+        # pass in E5M6, and the SwiGLU inputs cached in FP8 (the casts after the shared experts'
+        # down GEMM); inference has no such casts, so no op.
+        {"match": r"per_token_cast_to_fp8_with_fp8_special_fmt", "op": None,
+         "role": "fp8_cache"},
+        {"match": cast, "segment": fwd_mlp, "op": None, "role": "fp8_cache"},
         {"match": r"cast_back|per_channel_cast|per_token_cast", "op": None, "role": "fp8_cast"},
         # Router: bf16 GEMM (cuBLAS sm90_xmma), sigmoid, top-k.
         {"match": r"sm90_xmma_gemm_bf16|cutlass.*bf16.*gemm|gemm_bf16", "segment": fwd_attn,
@@ -300,12 +313,18 @@ def _deepseek_rules() -> list[dict[str, Any]]:
          "op": "gate", "role": "norm"},
         {"match": r"rotary", "nth": 0, "segment": fwd_attn, "op": "kv_prep", "role": "rope"},
         {"match": r"rotary", "segment": fwd_attn, "op": "q_rope", "role": "rope"},
-        {"match": r"_copy_tensor_kernel|direct_copy_kernel", "segment": fwd_attn, "op": "kv_prep",
+        # The naive prefill form's per-head keys (nope | rope, one copy kernel) and values (made
+        # contiguous: the 3rd copy of the block); the small copies lay out the latent cache.
+        {"match": r"_copy_tensor_kernel", "segment": fwd_attn, "op": "kv_expand",
+         "role": "elementwise"},
+        {"match": r"direct_copy_kernel", "segment": fwd_attn, "nth": 2, "op": "kv_expand",
+         "role": "elementwise"},
+        {"match": r"direct_copy_kernel", "segment": fwd_attn, "op": "kv_prep",
          "role": "elementwise"},
         {"match": r"elementwise|vectorized|unrolled|CUDAFunctor", "segment": fwd_attn,
          "op": "o_proj", "role": "elementwise"},
-        {"match": r"direct_copy_kernel|elementwise|vectorized|unrolled", "segment": fwd_mlp,
-         "op": "experts", "role": "elementwise"},
+        {"match": r"elementwise|vectorized|unrolled", "segment": fwd_mlp, "op": "experts",
+         "role": "elementwise"},
     ]
     return rules
 

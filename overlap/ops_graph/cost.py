@@ -17,6 +17,7 @@ import attrs
 from overlap.ops_graph.shape import Shape
 
 DTYPES = ("bf16", "int8", "fp8")
+FORMULAS = ("flops", "vector_flops", "hbm_bytes", "comm_bytes", "matrix_outputs")
 
 
 @attrs.frozen
@@ -94,6 +95,7 @@ class CostFigures:
     hbm_bytes: float = 0.0
     comm_bytes: float = 0.0
     dtype: str = "bf16"
+    matrix_outputs: float = 0.0
 
 
 def _check_dtype(instance: object, attribute: attrs.Attribute, value: str) -> None:
@@ -103,7 +105,7 @@ def _check_dtype(instance: object, attribute: attrs.Attribute, value: str) -> No
 
 @attrs.frozen
 class OpCost:
-    """The four cost formulas of an op, and the dtype of its matrix work.
+    """The cost formulas of an op, and the dtype of its matrix work.
 
     flops:        matrix-unit (GEMM) floating point operations on this rank.
     vector_flops: vector-unit element operations (norms, rotary embedding, activations, softmax).
@@ -111,6 +113,9 @@ class OpCost:
     comm_bytes:   bytes this rank puts into the op's collective: the buffer of an all-reduce, the
                   local shard of an all-gather, the input of a reduce-scatter, the whole send
                   buffer of an all-to-all (including the share that stays on the rank).
+    matrix_outputs: output elements of the op's GEMMs (M x N, summed over its GEMMs): each
+                  output tile pays a fixed prologue/epilogue, which is why a GEMM with a short
+                  reduction (small K) reaches less of the matrix peak (``Hardware.matrix_half_k``).
     """
 
     flops: Formula = ZERO
@@ -118,6 +123,7 @@ class OpCost:
     hbm_bytes: Formula = ZERO
     comm_bytes: Formula = ZERO
     dtype: str = attrs.field(default="bf16", validator=_check_dtype)
+    matrix_outputs: Formula = ZERO
 
     def __call__(self, shape: Shape) -> CostFigures:
         return CostFigures(
@@ -126,6 +132,7 @@ class OpCost:
             hbm_bytes=self.hbm_bytes(shape),
             comm_bytes=self.comm_bytes(shape),
             dtype=self.dtype,
+            matrix_outputs=self.matrix_outputs(shape),
         )
 
     def __add__(self, other: OpCost) -> OpCost:
@@ -135,11 +142,12 @@ class OpCost:
             hbm_bytes=self.hbm_bytes + other.hbm_bytes,
             comm_bytes=self.comm_bytes + other.comm_bytes,
             dtype=self.dtype if self.flops != ZERO else other.dtype,
+            matrix_outputs=self.matrix_outputs + other.matrix_outputs,
         )
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for name in ("flops", "vector_flops", "hbm_bytes", "comm_bytes"):
+        for name in FORMULAS:
             terms = getattr(self, name).to_dict()
             if terms:
                 out[name] = terms
@@ -149,7 +157,7 @@ class OpCost:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OpCost:
-        fields = {"flops", "vector_flops", "hbm_bytes", "comm_bytes", "dtype"}
+        fields = {*FORMULAS, "dtype"}
         unknown = set(data) - fields
         if unknown:
             raise ValueError(f"unknown cost field(s) {sorted(unknown)}; valid: {', '.join(sorted(fields))}")

@@ -47,9 +47,11 @@ class Role:
     ATTN1 = "attn1"  # attention stage 1: core attention, o_proj
     MLA_MATRIX = "mla_matrix"  # fine-grained MLA matmuls
     MLA_VECTOR = "mla_vector"  # fine-grained MLA vector work: norms, rope, KV-cache write
+    QUANT = "quant"  # activation cast to FP8 (per-token 1x128 block scales) before an FP8 GEMM
     GATE = "gate"  # post-attention norm + router
     DISPATCH = "dispatch"
     EXPERTS = "experts"  # routed experts
+    PERMUTE = "permute"  # MoE permute / unpermute: rows into expert order and back (weighted)
     COMBINE = "combine"
     SHARED = "shared"  # shared experts
     MLP = "mlp"  # dense feed-forward

@@ -3,6 +3,9 @@
 Strategies are written once over these stages, not per model. A stage a layer lacks is simply
 empty (a dense layer has no dispatch; attention as one op leaves ``attn0`` empty), and an op
 whose role is unknown joins the stage of the op it depends on, so any graph can be scheduled.
+That is how FP8 casts (role ``quant``) are placed: a cast runs with the op that produced its
+input (``ffn_quant`` after the router, in ``gate``, so the dispatch sends FP8), while MoE
+permute / unpermute (role ``permute``) belong to ``experts``, on the dispatched rows.
 
 Stages are *monotone* in the order a strategy issues them: an op is never put in a stage issued
 before the stage of an op it depends on, whatever its role says. A strategy that issues each
@@ -27,7 +30,7 @@ _BY_ROLE = {
     Role.ATTN: "attn1", Role.ATTN1: "attn1",
     Role.GATE: "gate",
     Role.DISPATCH: "dispatch",
-    Role.EXPERTS: "experts", Role.MLP: "experts",
+    Role.EXPERTS: "experts", Role.MLP: "experts", Role.PERMUTE: "experts",
     Role.SHARED: "shared",
     Role.COMBINE: "combine",
     Role.MERGE: "merge",

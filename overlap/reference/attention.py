@@ -1,4 +1,5 @@
-"""MLA attention as ops: the nine ``fine``-grain ops of the DeepSeek template, one method each.
+"""MLA attention as ops: the eleven ``fine``-grain ops of the DeepSeek template (bf16, prefill),
+one method each.
 
     input_norm  hidden, residual -> x, res1      add the residual, RMSNorm
     q_a         x -> q_lat                       low-rank query down-projection
@@ -7,14 +8,17 @@
     q_rope      q -> q_pe                        rotary embedding of the rope part
     kv_a        x -> kv_lat                      compressed KV latent + the shared rotary key
     kv_prep     kv_lat -> kv_cache               latent RMSNorm, key rope, KV-cache write
-    core_attn   q_pe, kv_cache -> attn_o         causal attention per request over its cache
+    kv_b        kv_cache -> kv_up                every context latent up-projected, per request
+    kv_expand   kv_up -> kv_heads                keys [nope | rope] and values laid out per head
+    core_attn   q_pe, kv_heads -> attn_o         causal attention per request over its context
     o_proj      attn_o -> h
 
 Attention is computed in the "naive" (prefill) form: ``kv_b`` up-projects every cached latent.
 The ``kv_cache`` value is this microbatch's new cache rows; the rows before them (earlier steps,
 or the first half of a request cut by the split) come from the cache, which the plan orders
-after the previous microbatch's ``kv_prep``. Keys are padded to the request's length at the end
-of the step, so a token's softmax has the same length however the batch was cut.
+(``kv_b``, the first reader of ``kv_cache``) after the previous microbatch's ``kv_prep``. Keys
+are padded to the request's length at the end of the step, so a token's softmax has the same
+length however the batch was cut.
 """
 
 from __future__ import annotations
@@ -104,9 +108,12 @@ class MLAAttention(nn.Module):
             start += piece.length
         return rows
 
-    @op.compute(reads=("q_pe", "kv_cache"), writes="attn_o", role=Role.ATTN1)
-    def core_attn(self, q_pe: Tensor, kv_cache: Tensor) -> Tensor:
-        meta = self.forward.current("core_attn")
+    @op.compute(reads="kv_cache", writes="kv_up", role=Role.MLA_MATRIX)
+    def kv_b(self, kv_cache: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Per request: its whole context's latents (the cached rows before this microbatch's,
+        padded to the request's length) up-projected, and their rope keys."""
+        m = self.cfg.model
+        meta = self.forward.current("kv_b")
         cache = meta.cache.rows[self.layer_index]
         out, start = [], 0
         for piece, rid, total in zip(meta.pieces, meta.request_ids, meta.totals):
@@ -114,21 +121,41 @@ class MLAAttention(nn.Module):
             before = cache[rid][:piece.context_len]
             pad = kv_cache.new_zeros(total - piece.context_len - piece.length, kv_cache.shape[1])
             keys = torch.cat([before, kv_cache[start:end], pad])
-            out.append(self._attend(q_pe[start:end], keys, piece.context_len))
+            latent, k_pe = keys.split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
+            out.append((self.kernels.linear(latent, self.w_kv_b), k_pe))
+            start = end
+        return out
+
+    @op.compute(reads="kv_up", writes="kv_heads", role=Role.MLA_VECTOR)
+    def kv_expand(self, kv_up: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+        """Per request: keys ``[nope | rope]`` (the rope key shared by every head) and values."""
+        m = self.cfg.model
+        nh, dn, dv = m.num_heads, m.qk_nope_head_dim, m.v_head_dim
+        out = []
+        for up, k_pe in kv_up:
+            length = up.shape[0]
+            k_nope, v = up.view(length, nh, dn + dv).split([dn, dv], -1)
+            out.append((torch.cat([k_nope, k_pe[:, None, :].expand(length, nh, -1)], dim=-1), v))
+        return out
+
+    @op.compute(reads=("q_pe", "kv_heads"), writes="attn_o", role=Role.ATTN1)
+    def core_attn(self, q_pe: Tensor, kv_heads: list[tuple[Tensor, Tensor]]) -> Tensor:
+        meta = self.forward.current("core_attn")
+        out, start = [], 0
+        for piece, (key, v) in zip(meta.pieces, kv_heads):
+            end = start + piece.length
+            out.append(self._attend(q_pe[start:end], key, v, piece.context_len))
             start = end
         if not out:
             m = self.cfg.model
             return q_pe.new_zeros(0, m.num_heads * m.v_head_dim)
         return torch.cat(out)
 
-    def _attend(self, q: Tensor, keys: Tensor, first: int) -> Tensor:
-        """Causal attention of ``q`` (positions ``first``, ``first + 1``, ...) over ``keys``."""
+    def _attend(self, q: Tensor, key: Tensor, v: Tensor, first: int) -> Tensor:
+        """Causal attention of ``q`` (positions ``first``, ``first + 1``, ...) over ``key``/``v``."""
         m, k = self.cfg.model, self.kernels
-        nh, dn, dv = m.num_heads, m.qk_nope_head_dim, m.v_head_dim
-        length = keys.shape[0]
-        latent, k_pe = keys.split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
-        k_nope, v = k.linear(latent, self.w_kv_b).view(length, nh, dn + dv).split([dn, dv], -1)
-        key = torch.cat([k_nope, k_pe[:, None, :].expand(length, nh, -1)], dim=-1)
+        nh, dv = m.num_heads, m.v_head_dim
+        length = key.shape[0]
         scores = k.bmm(q.transpose(0, 1), key.permute(1, 2, 0)) * self.scale  # [nh, n, length]
         positions = torch.arange(first, first + q.shape[0])
         hidden = torch.arange(length)[None, :] > positions[:, None]

@@ -3,7 +3,8 @@
 Each op of the DeepSeek template graph is one decorated method, so ``graph_of(block, ...)`` (or
 :meth:`DeepseekMoEBlock.graph` at any attention grain) gives the template's graph with callables:
 
-    MoE layer:    MLA ops (see ``attention``), gate, dispatch, experts, combine, shared, merge
+    MoE layer:    MLA ops (see ``attention``), gate, dispatch, permute, experts, unpermute,
+                  combine, shared, merge
     dense layer:  MLA ops, post_norm, mlp
 
 :meth:`ReferenceModel.plain_forward` runs every op of every layer unsplit, in graph order: the
@@ -37,7 +38,7 @@ from overlap.reference.attention import MLAAttention, norm_weight, weight
 from overlap.reference.config import TINY, ReferenceConfig
 from overlap.reference.context import ForwardContext, KVCache, StepContext, step_context
 from overlap.reference.kernels import Kernels, rope_table
-from overlap.reference.moe import ExpertOutput, ExpertParallel, Routed
+from overlap.reference.moe import ExpertOutput, ExpertParallel, Permuted, Routed
 
 INPUTS, OUTPUTS = ("hidden", "residual"), ("hidden_out", "residual_out")
 
@@ -116,10 +117,18 @@ class DeepseekMoEBlock(_Block):
     def dispatch(self, moe_in: Tensor, topk: Tensor) -> Routed:
         return moe.dispatch(moe_in, topk, self.ep)
 
-    @op.compute(reads="recv", writes="expert_out", role=Role.EXPERTS)
-    def experts(self, recv: Routed) -> ExpertOutput:
-        return moe.run_experts(recv, self.w_experts_gate_up, self.w_experts_down,
+    @op.compute(reads="recv", writes="permuted", role=Role.PERMUTE)
+    def permute(self, recv: Routed) -> Permuted:
+        return moe.permute(recv)
+
+    @op.compute(reads="permuted", writes="expert_rows", role=Role.EXPERTS)
+    def experts(self, permuted: Permuted) -> Permuted:
+        return moe.run_experts(permuted, self.w_experts_gate_up, self.w_experts_down,
                                self.local_experts, self.kernels)
+
+    @op.compute(reads="expert_rows", writes="expert_out", role=Role.PERMUTE)
+    def unpermute(self, expert_rows: Permuted) -> ExpertOutput:
+        return moe.unpermute(expert_rows)
 
     @op.comm(Collective.ALL_TO_ALL, group="ep", size=lambda self: self.ep.size,
              reads="expert_out", writes="routed", role=Role.COMBINE)

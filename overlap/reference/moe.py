@@ -127,6 +127,16 @@ def dispatch(moe_in: Tensor, topk: Tensor, ep: ExpertParallel) -> Routed:
 
 
 @attrs.frozen
+class Permuted:
+    """Received rows in expert order: local expert ``j``'s rows are the next ``len(index[j])``
+    rows of ``rows`` (after the experts ran: their outputs, in the same order)."""
+
+    rows: Tensor
+    index: tuple[Tensor, ...]  # per local expert: which received rows it got
+    routed: Routed
+
+
+@attrs.frozen
 class ExpertOutput:
     """The experts' weighted partial sums, row for row with the :class:`Routed` they came from."""
 
@@ -134,15 +144,37 @@ class ExpertOutput:
     routed: Routed
 
 
-def run_experts(routed: Routed, gate_up: Tensor, down: Tensor, local: range,
-                k: Kernels) -> ExpertOutput:
-    """Each local expert on its rows, weighted and summed per row in expert order."""
+def permute(routed: Routed) -> Permuted:
+    """Gather the received rows into expert order (one copy per (row, local expert))."""
+    index = tuple(torch.nonzero(routed.weights[:, j] != 0).flatten()
+                  for j in range(routed.weights.shape[1]))
+    rows = torch.cat([routed.rows[i] for i in index]) if index else routed.rows[:0]
+    return Permuted(rows, index, routed)
+
+
+def run_experts(permuted: Permuted, gate_up: Tensor, down: Tensor, local: range,
+                k: Kernels) -> Permuted:
+    """Each local expert on its contiguous rows."""
+    parts, start = [], 0
+    for i, e in zip(permuted.index, local):
+        n = int(i.numel())
+        if n:
+            parts.append(k.swiglu(permuted.rows[start:start + n], gate_up[e], down[e]))
+        start += n
+    rows = torch.cat(parts) if parts else permuted.rows.new_zeros(0, down.shape[-1])
+    return Permuted(rows, permuted.index, permuted.routed)
+
+
+def unpermute(expert_rows: Permuted) -> ExpertOutput:
+    """Weight each expert row and sum it back onto its received row, in expert order."""
+    routed = expert_rows.routed
     out = torch.zeros_like(routed.rows)
-    for j, e in enumerate(local):
-        sel = torch.nonzero(routed.weights[:, j] != 0).flatten()
-        if sel.numel():
-            y = k.swiglu(routed.rows[sel], gate_up[e], down[e])
-            out.index_add_(0, sel, y * routed.weights[sel, j:j + 1])
+    start = 0
+    for j, i in enumerate(expert_rows.index):
+        n = int(i.numel())
+        if n:
+            out.index_add_(0, i, expert_rows.rows[start:start + n] * routed.weights[i, j:j + 1])
+        start += n
     return ExpertOutput(out, routed)
 
 

@@ -4,6 +4,12 @@ All figures are per rank and per microbatch. Formulas count multiply-adds as two
 as read once per op call (so splitting a batch into microbatches re-reads them, as real kernels
 do), and activations as read and written once. Vector work (norms, rotary embedding,
 activations, routing) is an estimate in element operations; docs/ops_graph.md lists each figure.
+
+Under ``fp8`` every FP8 GEMM reads an activation that a ``<gemm>_quant`` op cast to FP8 first
+(per-token 1x128 blocks with an fp32 scale each, as DeepSeek-V3 and DeepGEMM do): a separate,
+memory-bound kernel in every FP8 deployment, so an op of its own rather than bytes the GEMM's
+roofline would hide. The routed experts run between a ``permute`` (rows into expert order) and an
+``unpermute`` (the weighted sum back into token order), memory-bound kernels of their own too.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from overlap.ops_graph.op import Collective, Role, Routing
 from overlap.ops_graph.templates.config import ModelConfig, ParallelConfig
 
 ACT_BYTES = 2  # activations stay bf16 between ops, whatever the GEMM dtype
+SCALE_BYTES = 4 / 128  # FP8 activations carry one fp32 scale per 1x128 block (DeepSeek-V3 3.3.2)
 
 
 @attrs.frozen
@@ -41,7 +48,26 @@ def matmul(k: int, n: int, p: Precision, *, rows: float = 1.0) -> OpCost:
         flops=Formula(per_token=2.0 * k * n * rows),
         hbm_bytes=Formula(const=k * n * p.weight_bytes, per_token=(k + n) * ACT_BYTES * rows),
         dtype=p.dtype,
+        matrix_outputs=Formula(per_token=n * rows),
     )
+
+
+def quant(width: float, *, per: str = "token") -> OpCost:
+    """Cast ``width`` bf16 elements (per token, or per ``context`` token) to FP8 with block
+    scales: read 2 bytes, write 1 + 4/128 per element; abs-max, scale and convert (3 ops)."""
+    return OpCost(vector_flops=Formula(**{f"per_{per}": 3.0 * width}),
+                  hbm_bytes=Formula(**{f"per_{per}": width * (ACT_BYTES + 1 + SCALE_BYTES)}))
+
+
+def quantised(b: GraphBuilder, gemm: str, src: str, width: float, p: Precision, *,
+              per: str = "token") -> str:
+    """The value FP8 GEMM ``gemm`` reads: ``src`` cast by a ``<gemm>_quant`` op under fp8 (other
+    dtypes read ``src`` itself: bf16 needs no cast, and W8A8's int8 cast is not modelled)."""
+    if p.dtype != "fp8":
+        return src
+    out = f"{gemm}_in"
+    b.compute(f"{gemm}_quant", src, out, cost=quant(width, per=per), role=Role.QUANT)
+    return out
 
 
 def vector(width: int, ops_per_element: float, *, rw: int = 2) -> OpCost:
@@ -55,6 +81,12 @@ def vector(width: int, ops_per_element: float, *, rw: int = 2) -> OpCost:
 def rms_norm(width: int) -> OpCost:
     """RMSNorm (square, sum, rsqrt, scale, weight): about 4 element ops, 1 read + 1 write."""
     return vector(width, 4)
+
+
+def add_rms_norm(width: int) -> OpCost:
+    """Residual add + RMSNorm (vLLM's fused_add_rms_norm): read the input and the residual,
+    write the normalised value and the new residual."""
+    return vector(width, 5, rw=4)
 
 
 def comm(payload_bytes_per_token: float) -> OpCost:
@@ -83,19 +115,48 @@ def routed_experts(m: ModelConfig, p: Precision, *, experts: int, inner: int, ro
         hbm_bytes=Formula(per_token=work.hbm_bytes.per_token, saturating=experts * weights,
                           hit=hit),
         dtype=p.dtype,
+        matrix_outputs=work.matrix_outputs,
     )
+
+
+def permute(h: int, p: Precision, *, rows_in: float, rows_out: float) -> OpCost:
+    """Rows into expert order: read ``rows_in`` rows per token (a received or local token once),
+    write ``rows_out`` (one per (token, local expert)), at the GEMM input's element size (FP8
+    with its scales under fp8); the index arrays are a few bytes per row."""
+    row = h * p.dispatch_bytes + (h * SCALE_BYTES if p.dtype == "fp8" else 0)
+    return OpCost(vector_flops=Formula(per_token=8.0 * rows_out),
+                  hbm_bytes=Formula(per_token=(rows_in + rows_out) * row + 16.0 * rows_out))
+
+
+def unpermute(h: int, *, rows_in: float, rows_out: float) -> OpCost:
+    """The weighted sum back into token order: read ``rows_out`` bf16 expert rows and their
+    weights, write ``rows_in`` rows (one per token and rank)."""
+    return OpCost(vector_flops=Formula(per_token=2.0 * h * rows_out),
+                  hbm_bytes=Formula(per_token=(rows_in + rows_out) * h * ACT_BYTES + 4.0 * rows_out))
+
+
+def ranks_reached(m: ModelConfig, ep: int) -> float:
+    """Expected number of the ``ep`` ranks a token's top-k experts sit on (experts split evenly,
+    chosen without replacement): the rows a rank receives per token of its own."""
+    local, total, k = m.n_routed_experts // ep, m.n_routed_experts, m.num_experts_per_tok
+    miss = 1.0
+    for i in range(k):
+        miss *= max(total - local - i, 0) / (total - i)
+    return ep * (1.0 - miss)
 
 
 def post_attention(b: GraphBuilder, m: ModelConfig, routed: bool) -> None:
     """Post-attention RMSNorm (+ router gate and top-k on MoE layers): ``h, res1 -> moe_in, ...``."""
     h = m.hidden_size
     if routed:
+        # Routing (sigmoid, bias, group-limited top-k, weights) is part of the gate op: one fused
+        # kernel in inference engines (vLLM's grouped_topk), a few vector ops per expert score.
         router = matmul(h, m.n_routed_experts, Precision.of("bf16"))  # router stays in bf16
         topk = OpCost(vector_flops=Formula(per_token=8.0 * m.n_routed_experts))  # sigmoid, bias, top-k
         b.compute("gate", ("h", "res1"), ("moe_in", "residual_out", "topk"),
-                  cost=rms_norm(h) + router + topk, role=Role.GATE)
+                  cost=add_rms_norm(h) + router + topk, role=Role.GATE)
     else:
-        b.compute("post_norm", ("h", "res1"), ("moe_in", "residual_out"), cost=rms_norm(h),
+        b.compute("post_norm", ("h", "res1"), ("moe_in", "residual_out"), cost=add_rms_norm(h),
                   role=Role.NORM)
 
 
@@ -124,9 +185,12 @@ def feed_forward(b: GraphBuilder, m: ModelConfig, par: ParallelConfig, p: Precis
         b.comm("ffn_gather", Collective.ALL_GATHER, "tp", reads, writes, size=tp,
                cost=comm(h * ACT_BYTES + (8 * k if routed else 0)), role=Role.TP_COMM)
     out = "hidden_out" if mode in ("none", "all_to_all") else "ffn_partial"
+    # One cast of the FFN input serves the dispatch (FP8 payload) and every expert GEMM; the
+    # SwiGLU output's cast before each down projection is fused into the activation kernel.
+    ffn_in = quantised(b, "ffn", src, h * gathered, p)
 
     if not routed:
-        b.compute("mlp", src, out, cost=ffn(h, m.intermediate_size // tp, p, rows=gathered),
+        b.compute("mlp", ffn_in, out, cost=ffn(h, m.intermediate_size // tp, p, rows=gathered),
                   role=Role.MLP)
     else:
         # Without shared experts the routed result is the block's output: no merge op.
@@ -134,23 +198,28 @@ def feed_forward(b: GraphBuilder, m: ModelConfig, par: ParallelConfig, p: Precis
         if mode == "all_to_all":
             ep = par.ep
             routing = Routing(k, m.n_routed_experts, m.n_group, m.topk_group)
-            b.comm("dispatch", Collective.ALL_TO_ALL, "ep", ("moe_in", "topk"), "recv", size=ep,
+            b.comm("dispatch", Collective.ALL_TO_ALL, "ep", (ffn_in, "topk"), "recv", size=ep,
                    cost=comm(k * h * p.dispatch_bytes), role=Role.DISPATCH, routing=routing)
             hit = 1.0 - (1.0 - k / m.n_routed_experts) ** ep  # a local token's share of hits
-            b.compute("experts", "recv", "expert_out", role=Role.EXPERTS,
-                      cost=routed_experts(m, p, experts=-(-m.n_routed_experts // ep),
-                                          inner=m.moe_intermediate_size, rows=k, hit=hit))
-            b.comm("combine", Collective.ALL_TO_ALL, "ep", "expert_out", routed_out, size=ep,
-                   cost=comm(k * h * ACT_BYTES), role=Role.COMBINE, routing=routing)
+            rows_in, expert_in, unpermuted = ranks_reached(m, ep), ("recv",), "expert_out"
+            experts, inner = -(-m.n_routed_experts // ep), m.moe_intermediate_size
         else:
             hit = 1.0 - (1.0 - k / m.n_routed_experts) ** gathered
-            b.compute("experts", (src, topk), routed_out, role=Role.EXPERTS,
-                      cost=routed_experts(m, p, experts=m.n_routed_experts,
-                                          inner=m.moe_intermediate_size // tp,
-                                          rows=k * gathered, hit=hit))
+            rows_in, expert_in, unpermuted = gathered, (ffn_in, topk), routed_out
+            experts, inner = m.n_routed_experts, m.moe_intermediate_size // tp
+        rows = k * gathered  # (token, expert) rows per local token, whatever the parallelism
+        b.compute("permute", expert_in, "permuted", role=Role.PERMUTE,
+                  cost=permute(h, p, rows_in=rows_in, rows_out=rows))
+        b.compute("experts", "permuted", "expert_rows", role=Role.EXPERTS,
+                  cost=routed_experts(m, p, experts=experts, inner=inner, rows=rows, hit=hit))
+        b.compute("unpermute", "expert_rows", unpermuted, role=Role.PERMUTE,
+                  cost=unpermute(h, rows_in=rows_in, rows_out=rows))
+        if mode == "all_to_all":
+            b.comm("combine", Collective.ALL_TO_ALL, "ep", "expert_out", routed_out, size=ep,
+                   cost=comm(k * h * ACT_BYTES), role=Role.COMBINE, routing=routing)
         if m.n_shared_experts:
             inner = m.n_shared_experts * m.moe_intermediate_size // tp
-            b.compute("shared", src, "shared_out", cost=ffn(h, inner, p, rows=gathered),
+            b.compute("shared", ffn_in, "shared_out", cost=ffn(h, inner, p, rows=gathered),
                       role=Role.SHARED)
             merge = OpCost(vector_flops=Formula(per_token=2.0 * h * gathered),
                            hbm_bytes=Formula(per_token=3.0 * h * ACT_BYTES * gathered))
@@ -170,13 +239,13 @@ def attention_tp(par: ParallelConfig) -> int:
 
 
 def attention_output(b: GraphBuilder, par: ParallelConfig, hidden: int, o_cost: OpCost,
-                     role: str) -> None:
-    """o_proj (``attn_o -> h``), all-reduced over the tp group when attention is split."""
+                     role: str, src: str = "attn_o") -> None:
+    """o_proj (``src -> h``), all-reduced over the tp group when attention is split."""
     tp = attention_tp(par)
     if tp == 1:
-        b.compute("o_proj", "attn_o", "h", cost=o_cost, role=role)
+        b.compute("o_proj", src, "h", cost=o_cost, role=role)
         return
-    b.compute("o_proj", "attn_o", "h_partial", cost=o_cost, role=role)
+    b.compute("o_proj", src, "h_partial", cost=o_cost, role=role)
     b.comm("attn_allreduce", Collective.ALL_REDUCE, "tp", "h_partial", "h", size=tp,
            cost=comm(hidden * ACT_BYTES), role=Role.TP_COMM)
 

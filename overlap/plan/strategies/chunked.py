@@ -25,7 +25,8 @@ the weights: chunking adds no weight reads (unlike a second microbatch), only a 
 collective latency per chunk, which is what makes too many chunks lose. The chunks' outputs are
 slices of one buffer, so joining them costs nothing.
 
-Chunking rewrites the layer graph (ops ``experts_c0``... with chunk-level dependencies), which
+Chunking rewrites the layer graph (ops ``experts_c0``... with chunk-level dependencies; the
+permute and unpermute around the experts are cut with them), which
 only a simulation can run: a graph whose expert ops carry callables cannot be cut by experts
 generically, so then the order runs unchunked and ``options["fallback"]`` says why. A layer
 without the EP chain dispatch -> experts -> combine (a dense or tensor-parallel layer) is left as
@@ -56,11 +57,17 @@ def scaled(cost: OpCost, factor: float) -> OpCost:
                             per_pair=f.per_pair * factor, saturating=f.saturating * factor)
 
     return attrs.evolve(cost, flops=times(cost.flops), vector_flops=times(cost.vector_flops),
-                        hbm_bytes=times(cost.hbm_bytes), comm_bytes=times(cost.comm_bytes))
+                        hbm_bytes=times(cost.hbm_bytes), comm_bytes=times(cost.comm_bytes),
+                        matrix_outputs=times(cost.matrix_outputs))
 
 
-def moe_chain(graph: Graph) -> tuple[Op, Op, Op] | None:
-    """The layer's (dispatch, experts, combine) when they form a simple chain, else None."""
+def moe_chain(graph: Graph) -> tuple[Op, tuple[Op, ...], Op] | None:
+    """The layer's (dispatch, expert ops, combine) when they form a simple chain, else None.
+
+    The expert ops are the routed experts and the single-input compute ops that run on the
+    dispatched rows around them (the template's permute / unpermute): each one reads only the
+    previous one's single output, from the dispatch's to the combine's input.
+    """
     def one(role: str) -> Op | None:
         ops = graph.of_role(role)
         return ops[0] if len(ops) == 1 else None
@@ -68,35 +75,56 @@ def moe_chain(graph: Graph) -> tuple[Op, Op, Op] | None:
     dispatch, experts, combine = one(Role.DISPATCH), one(Role.EXPERTS), one(Role.COMBINE)
     if None in (dispatch, experts, combine) or dispatch.kind is not OpKind.COMM:
         return None
-    if (len(dispatch.writes), len(experts.writes), len(combine.writes)) != (1, 1, 1):
+    if len(dispatch.writes) != 1 or len(combine.writes) != 1:
         return None
-    if experts.reads != dispatch.writes or combine.reads != experts.writes:
+    readers: dict[str, list[Op]] = {}
+    for op in graph.ops:
+        for value in op.reads:
+            readers.setdefault(value, []).append(op)
+    segment: list[Op] = []
+    value = dispatch.writes[0]
+    while True:
+        after = readers.get(value, [])
+        if len(after) != 1:
+            return None
+        nxt = after[0]
+        if nxt is combine:
+            break
+        if nxt.kind is not OpKind.COMPUTE or len(nxt.reads) != 1 or len(nxt.writes) != 1:
+            return None
+        segment.append(nxt)
+        value = nxt.writes[0]
+    if combine.reads != (value,) or experts not in segment:
         return None
-    return dispatch, experts, combine
+    return dispatch, tuple(segment), combine
 
 
 def chunk_moe(graph: Graph, chunks: int, *, dispatch: bool) -> Graph:
-    """``graph`` with its experts and combine (and, with ``dispatch``, the dispatch) cut into
+    """``graph`` with its expert ops and combine (and, with ``dispatch``, the dispatch) cut into
     ``chunks`` chunks of experts; unchanged when it has no EP chain or ``chunks`` is 1."""
     chain = moe_chain(graph)
     if chain is None or chunks == 1:
         return graph
-    d, e, c = chain
+    d, segment, c = chain
     part = 1.0 / chunks
     ops: list[Op] = []
     for k in range(chunks):
-        recv = f"{d.writes[0]}_c{k}" if dispatch else d.writes[0]
+        value = f"{d.writes[0]}_c{k}" if dispatch else d.writes[0]
         if dispatch:
-            ops.append(Op(f"{d.name}_c{k}", d.kind, d.reads, recv, comm=d.comm,
+            ops.append(Op(f"{d.name}_c{k}", d.kind, d.reads, value, comm=d.comm,
                           cost=scaled(d.cost, part), role=d.role))
-        ops.append(Op(f"{e.name}_c{k}", e.kind, recv, f"{e.writes[0]}_c{k}",
-                      cost=scaled(e.cost, part), role=e.role))
+        for e in segment:
+            out = f"{e.writes[0]}_c{k}"
+            ops.append(Op(f"{e.name}_c{k}", e.kind, value, out, cost=scaled(e.cost, part),
+                          role=e.role))
+            value = out
+    last = segment[-1].writes[0]
     for k in range(chunks):
-        ops.append(Op(f"{c.name}_c{k}", c.kind, f"{e.writes[0]}_c{k}", f"{c.writes[0]}_c{k}",
+        ops.append(Op(f"{c.name}_c{k}", c.kind, f"{last}_c{k}", f"{c.writes[0]}_c{k}",
                       comm=c.comm, cost=scaled(c.cost, part), role=c.role))
     join = Op(f"{c.name}_join", OpKind.COMPUTE, [f"{c.writes[0]}_c{k}" for k in range(chunks)],
               c.writes[0], cost=FREE, role=Role.MERGE)
-    replaced = {e.name, c.name} | ({d.name} if dispatch else set())
+    replaced = {c.name, *(e.name for e in segment)} | ({d.name} if dispatch else set())
     first = min(i for i, op in enumerate(graph.ops) if op.name in replaced)
     kept = [op for op in graph.ops if op.name not in replaced]
     return attrs.evolve(graph, ops=[*kept[:first], *ops, join, *kept[first:]])
@@ -105,7 +133,7 @@ def chunk_moe(graph: Graph, chunks: int, *, dispatch: bool) -> Graph:
 def uncuttable(model: ModelGraph) -> str:
     """Why ``model``'s MoE chains cannot be cut into chunks of experts ("" when they can)."""
     callable_ops = {op.name for g in model.distinct() if (ch := moe_chain(g))
-                    for op in ch if op.fn is not None}
+                    for op in (ch[0], *ch[1], ch[2]) if op.fn is not None}
     if callable_ops:
         return (f"ops {', '.join(sorted(callable_ops))} carry callables, which cannot be cut "
                 "into chunks of experts: run unchunked")
