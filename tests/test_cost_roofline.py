@@ -22,7 +22,8 @@ GPU = HARDWARE["h100"].evolve(
     vector_efficiency=0.5,
     memory_efficiency=0.5,
     launch_overhead_s=1e-6,
-    matrix_half_flops=0.0,  # a flat efficiency; the size curve has its own test
+    matrix_half_flops=0.0,  # a flat efficiency; the size curves have their own tests
+    matrix_half_k=0.0,
 )
 NPU = GPU.evolve(vendor="ascend", separate_vector_units=True, fp8_tflops=0.0)
 
@@ -46,6 +47,44 @@ def test_small_gemms_reach_less_of_the_peak():
     assert op_time(CostFigures(flops=1e11), hw).matrix_s == pytest.approx(0.004)
     assert op_time(CostFigures(flops=9e11), hw).matrix_s == pytest.approx(0.02)
     assert hw.matrix_efficiency_at(9e11) == pytest.approx(0.45)
+
+
+def test_short_reductions_reach_less_of_the_peak():
+    """With matrix_half_k = 512, a GEMM of depth 512 (1e11 FLOPs = 2 * outputs * 512) reaches half
+    of matrix_efficiency: 1e11 / (100e12 * 0.25) = 4 ms; at depth 1536, three quarters."""
+    hw = GPU.evolve(matrix_half_k=512.0)
+    outputs = 1e11 / (2 * 512)
+    assert op_time(CostFigures(flops=1e11, matrix_outputs=outputs), hw).matrix_s == pytest.approx(0.004)
+    assert hw.matrix_efficiency_at(3e11, outputs) == pytest.approx(0.375)
+
+
+# DeepGEMM's published H800 FP8 table (README of its first release; docs/hardware.md
+# [DeepGEMM]): (groups, M per group, N, K, TFLOPS) for normal, contiguous and masked GEMMs.
+DEEPGEMM = [
+    *((1, m, n, k, tf) for m, n, k, tf in [
+        (64, 2112, 7168, 206), (64, 24576, 1536, 289), (64, 32768, 512, 219),
+        (64, 7168, 16384, 336), (64, 4096, 7168, 287), (64, 7168, 2048, 295),
+        (128, 2112, 7168, 352), (128, 24576, 1536, 535), (128, 32768, 512, 358),
+        (128, 7168, 16384, 645), (128, 4096, 7168, 533), (128, 7168, 2048, 510),
+        (4096, 2112, 7168, 1058), (4096, 24576, 1536, 990), (4096, 32768, 512, 590),
+        (4096, 7168, 16384, 1358), (4096, 4096, 7168, 1304), (4096, 7168, 2048, 1025)]),
+    (4, 8192, 4096, 7168, 1297), (4, 8192, 7168, 2048, 1099), (8, 4096, 4096, 7168, 1288),
+    (8, 4096, 7168, 2048, 1093), (1, 1024, 4096, 7168, 1233), (1, 1024, 7168, 2048, 925),
+    (2, 512, 4096, 7168, 1040), (2, 512, 7168, 2048, 916), (4, 256, 4096, 7168, 932),
+    (4, 256, 7168, 2048, 815),
+]
+
+
+@pytest.mark.parametrize(("groups", "m", "n", "k", "tflops"), DEEPGEMM)
+def test_h800_gemm_curve_matches_deepgemms_published_table(groups, m, n, k, tflops):
+    """The h800 preset prices every published DeepGEMM shape within 0.78-1.30 of its time
+    (0.85-1.12 with >= 1024 rows per group), with FP8 inputs, bf16 output and each group's weights read."""
+    rows = groups * m
+    fig = CostFigures(flops=2.0 * rows * n * k, hbm_bytes=rows * k + groups * k * n + 2 * rows * n,
+                      matrix_outputs=rows * n, dtype="fp8")
+    ratio = op_time(fig, HARDWARE["h800"]).total_s / (fig.flops / (tflops * 1e12))
+    low, high = (0.85, 1.12) if m >= 1024 else (0.78, 1.30)
+    assert low <= ratio <= high, f"{groups}x{m}x{n}x{k}: model/published {ratio:.2f}"
 
 
 def test_ascend_overlaps_matrix_and_vector_time():
