@@ -215,6 +215,8 @@ def test_chunks_hold_a_share_of_the_work_and_no_extra_weight_reads():
         parts = [c.cost(shape) for c in moe.of_role(role)]
         for field in ("flops", "hbm_bytes", "comm_bytes"):
             assert sum(getattr(p, field) for p in parts) == pytest.approx(getattr(fig, field)), role
+    whole = sum(op.cost(shape).hbm_bytes for op in whole_layer.of_role("permute"))
+    assert sum(op.cost(shape).hbm_bytes for op in moe.of_role("permute")) == pytest.approx(whole)
 
 
 def test_two_microbatches_read_the_expert_weights_twice_in_small_decode():

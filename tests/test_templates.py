@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+import attrs
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from overlap import ConfigError
 from overlap.ops_graph import Collective, OpKind, Role, Shape
@@ -201,3 +204,84 @@ def test_group_count_must_divide_the_experts():
     config = {**PRESETS["deepseek-v3"], "n_group": 7}
     with pytest.raises(ConfigError, match=r"^'n_group' \(7\) must divide 'n_routed_experts' \(256\)"):
         ModelConfig.from_hf(config)
+
+
+def test_fp8_gemms_read_their_own_cast_input():
+    """Under fp8 every FP8 GEMM reads a ``<gemm>_quant`` op's output (one cast of the FFN input
+    for the dispatch and the shared experts); bf16 has no cast op."""
+    fp8 = layer_graph("deepseek-v3", ParallelConfig(ep=64), attention="fine", dtype="fp8")
+    for gemm in ("q_a", "kv_a", "q_b", "kv_b", "o_proj"):
+        (value,) = fp8[gemm].reads
+        assert fp8.producer[value] == f"{gemm}_quant", gemm
+    assert fp8["dispatch"].reads[0] == fp8["shared"].reads[0] == "ffn_in"
+    assert fp8.producer["ffn_in"] == "ffn_quant"
+    assert [o.name for o in fp8.of_role(Role.QUANT)] == [
+        "q_a_quant", "q_b_quant", "kv_a_quant", "kv_b_quant", "o_proj_quant", "ffn_quant"]
+    bf16 = layer_graph("deepseek-v3", ParallelConfig(ep=64), attention="fine")
+    assert bf16.of_role(Role.QUANT) == ()
+    decode = layer_graph("deepseek-v3", ParallelConfig(ep=64), attention="fine", phase="decode",
+                         dtype="fp8")
+    assert "kv_b_quant" not in decode  # the absorbed form has no kv_b GEMM
+
+
+def test_casts_and_permutes_join_the_stages_of_their_work():
+    """A cast runs in its producer's stage (ffn_quant after the router, so the dispatch sends
+    FP8); permute and unpermute run with the experts, in every parallel mode."""
+    from overlap.plan.stages import stages
+
+    for par in (ParallelConfig(ep=64), ParallelConfig(tp=4),
+                ParallelConfig(tp=4, moe_comm="all_gather")):
+        got = stages(layer_graph("deepseek-v3", par, attention="two_stage", dtype="fp8"))
+        assert got["experts"] == ("permute", "experts", "unpermute"), par
+        assert "ffn_quant" in got["gate" if par.moe_comm != "all_gather" else "dispatch"], par
+    fine = stages(layer_graph("deepseek-v3", ParallelConfig(ep=64), attention="fine", dtype="fp8"))
+    assert {"q_a_quant", "kv_b_quant", "kv_b", "kv_expand"} <= set(fine["attn0"])
+    assert fine["attn1"] == ("core_attn", "o_proj_quant", "o_proj")
+
+
+def test_every_named_strategy_builds_on_the_fp8_graph():
+    """The extra ops change no strategy's ability to schedule a layer: each named strategy builds
+    a valid plan for fp8 DeepSeek-V3 at every attention grain, prefill and decode."""
+    from overlap.plan import Batch, build_plan, split
+    from overlap.plan.strategies import STRATEGIES
+
+    for phase, batch in (("prefill", Batch.prefill(4096, 2)), ("decode", Batch.decode(64, 2048))):
+        for grain in ("one", "two_stage", "fine"):
+            model = build_model("deepseek-v3", EP16, phase=phase, attention=grain, dtype="fp8",
+                                num_layers=4)
+            for name in STRATEGIES:
+                if name != "auto":
+                    build_plan(name, model, split(batch, 2))  # validated as it is built
+
+
+def test_cast_and_permute_bytes_by_hand():
+    """DeepSeek-V3 at EP64, fp8, per local token: a 7168-wide cast reads 2 and writes 1 + 4/128
+    bytes per element; permute reads a token once per rank it reaches and writes one FP8 row
+    (with scales) per expert; unpermute reads 8 bf16 rows and writes one per rank reached."""
+    from overlap.ops_graph.templates.common import ranks_reached
+
+    g = layer_graph("deepseek-v3", ParallelConfig(ep=64), dtype="fp8")
+    one = Shape.prefill(1)
+    assert g["ffn_quant"].cost(one).hbm_bytes == 7168 * (2 + 1 + 4 / 128) == 21_728
+    reached = ranks_reached(load_model("deepseek-v3"), 64)
+    assert reached == pytest.approx(7.676, abs=1e-3)  # 64 * (1 - C(252, 8) / C(256, 8))
+    row = 7168 * (1 + 4 / 128)
+    assert g["permute"].cost(one).hbm_bytes == pytest.approx((reached + 8) * row + 16 * 8)
+    assert g["unpermute"].cost(one).hbm_bytes == pytest.approx((reached + 8) * 7168 * 2 + 32)
+
+
+@given(st.integers(1, 6), st.integers(1, 8), st.integers(1, 4))
+def test_ranks_reached_is_the_hypergeometric_expectation(log_ep, per_rank, k):
+    """Expected ranks holding one of a token's top-k of E experts, E split evenly over ep ranks:
+    ep * (1 - C(E - E/ep, k) / C(E, k)), computed here independently with binomials."""
+    from math import comb
+
+    from overlap.ops_graph.templates.common import ranks_reached
+
+    ep = 2 ** log_ep
+    experts = ep * per_rank
+    k = min(k, experts)
+    m = attrs.evolve(load_model("deepseek-v3"), n_routed_experts=experts, num_experts_per_tok=k,
+                     n_group=1, topk_group=1)
+    expected = ep * (1 - comb(experts - per_rank, k) / comb(experts, k))
+    assert ranks_reached(m, ep) == pytest.approx(expected)

@@ -164,10 +164,12 @@ def feed_forward(b: GraphBuilder, m: ModelConfig, par: ParallelConfig, p: Precis
                  routed: bool) -> None:
     """The layer's feed-forward half, ``moe_in[, topk] -> hidden_out``, with its communication.
 
-    Expert parallel (``all_to_all``): dispatch, routed experts, combine; shared experts run beside
-    them on the undispatched tokens. Tensor parallel (``all_reduce``): every rank holds a slice of
-    every expert, and the partial sums are all-reduced. ``all_gather``: tokens are all-gathered
-    over the tp group first and the partial sums reduce-scattered back.
+    Expert parallel (``all_to_all``): dispatch, permute, routed experts, unpermute, combine;
+    shared experts run beside them on the undispatched tokens (every mode permutes around the
+    routed experts; under fp8 ``ffn_quant`` casts the input first). Tensor parallel
+    (``all_reduce``): every rank holds a slice of every expert, and the partial sums are
+    all-reduced. ``all_gather``: tokens are all-gathered over the tp group first and the partial
+    sums reduce-scattered back.
     """
     h, k = m.hidden_size, m.num_experts_per_tok
     mode = par.moe_comm if routed else ("all_reduce" if par.tp > 1 else "none")
