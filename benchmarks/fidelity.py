@@ -3,8 +3,8 @@
 The trace is ``train.json`` of github.com/deepseek-ai/profile-data (H800, EP64 TP1, DeepGEMM
 FP8, DeepEP normal kernels, 4096-token microbatches; one DualPipe forward chunk of 4 MoE layers
 overlapped with a backward chunk). Without a path the committed excerpt
-``tests/data/deepseek-train-kernels.json.gz`` (its kernels, annotations and launches) is used,
-so this runs offline.
+``tests/data/deepseek-train-kernels.json.gz`` (its kernels, annotations and launches, cut by
+``tools/trace_excerpt.py``) is used, so this runs offline.
 
 1. **Per role.** Kernels are mapped to the DeepSeek template's fine ops (``overlap.cost.traces``)
    and summed per (layer, op); the simulator prices the same ops for DeepSeek-V3 on ``h800`` at

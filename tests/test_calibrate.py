@@ -230,3 +230,41 @@ def test_held_out_error_of_a_role_factor_is_the_measured_floor(layers, predicted
 
     after = sum(predicted) * factor / role_seconds(test_on)
     assert after == pytest.approx(role_seconds(fit_on) / role_seconds(test_on), rel=1e-9)
+
+
+def test_trace_excerpt_tool_regenerates_the_committed_excerpt(tmp_path):
+    """tools/trace_excerpt.py keeps exactly what the excerpt holds: run on the committed excerpt
+    it writes the same bytes (deterministic gzip), so the file can be regenerated from
+    profile-data's train.json by anyone."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    fixture = root / "tests" / "data" / "deepseek-train-kernels.json.gz"
+    out = tmp_path / "again.json.gz"
+    source = "excerpt of train.json from https://github.com/deepseek-ai/profile-data (commit 4496024)"
+    run = subprocess.run([sys.executable, str(root / "tools" / "trace_excerpt.py"), str(fixture),
+                          str(out), "--source", source], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert out.read_bytes() == fixture.read_bytes()
+
+
+def test_trace_excerpt_tool_refuses_a_trace_without_kernels(tmp_path):
+    """An input with no device kernels is one error line and exit status 2, no output."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    bad = tmp_path / "cpu.json"
+    bad.write_text(json.dumps({"traceEvents": [{"ph": "X", "cat": "cpu_op", "name": "aten::mm",
+                                                "ts": 0, "dur": 1}]}))
+    run = subprocess.run([sys.executable, str(root / "tools" / "trace_excerpt.py"), str(bad),
+                          str(tmp_path / "out.json.gz"), "--source", "x"], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr == ("trace_excerpt: error: the trace has no device kernels (events with cat "
+                          "'kernel')\n")
+    assert not (tmp_path / "out.json.gz").exists()
