@@ -286,3 +286,32 @@ def test_h800_low_latency_dispatch_matches_deepep_within_25_percent(ep, publishe
     send = 128 * 8 * (7168 + 7168 // 128 * 4 + 16)  # every (token, expert) pair, FP8 + scales
     seconds = collective_time("all_to_all", send, ep, HARDWARE["h800"], mode="low_latency")
     assert seconds * 1e6 == pytest.approx(published_us, rel=0.25)
+
+
+def _deepep_routing_sample(tokens: int, ep: int, seed: int = 0) -> tuple[float, float]:
+    """Mean destination (nodes, ranks) per token of DeepEP's benchmark routing: random scores,
+    the top-4 node groups by their best expert, the top-8 experts inside them."""
+    import random
+
+    rng = random.Random(seed)
+    experts, nodes = 256, ep // 8
+    per_node, per_rank = experts // nodes, experts // ep
+    hit_nodes = hit_ranks = 0
+    for _ in range(tokens):
+        scores = [abs(rng.gauss(0, 1)) + 1 for _ in range(experts)]
+        best = sorted(range(nodes), key=lambda g: -max(scores[g * per_node:(g + 1) * per_node]))
+        eligible = [e for g in best[:min(nodes, 4)] for e in range(g * per_node, (g + 1) * per_node)]
+        top = sorted(eligible, key=lambda e: -scores[e])[:8]
+        hit_nodes += len({e // per_node for e in top})
+        hit_ranks += len({e // per_rank for e in top})
+    return hit_nodes / tokens, hit_ranks / tokens
+
+
+@pytest.mark.parametrize("ep", [32, 64])
+def test_fanout_matches_deepseek_style_routing_within_3_percent(ep):
+    """The closed-form fan-out (chosen groups never empty, uniform inside them) against a
+    sample of score-ranked group-limited routing as DeepEP's benchmark draws it."""
+    nodes = ep // 8
+    model = fanout(Routing(8, 256, nodes, min(nodes, 4)), ep, 8)
+    sampled = _deepep_routing_sample(1500, ep)
+    assert model == pytest.approx(sampled, rel=0.03)
