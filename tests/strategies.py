@@ -25,6 +25,18 @@ def routings(draw: st.DrawFn) -> Routing:
                    draw(st.integers(1, groups)))
 
 
+@st.composite
+def expert_all_to_alls(draw: st.DrawFn) -> tuple[int, int, Routing]:
+    """(ranks, ranks per node, routing) of an expert all-to-all whose experts split evenly."""
+    per_node = draw(st.sampled_from([1, 2, 4, 8]))
+    n = per_node * draw(st.integers(1, 16))
+    experts = n * draw(st.integers(1, 4))
+    groups = draw(st.sampled_from([g for g in (1, 2, 4, 8) if experts % g == 0]))
+    routing = Routing(draw(st.integers(1, min(experts, 9))), experts, groups,
+                      draw(st.integers(1, groups)))
+    return n, per_node, routing
+
+
 costs = st.builds(OpCost, flops=formulas, vector_flops=formulas, hbm_bytes=formulas,
                   comm_bytes=formulas, dtype=st.sampled_from(["bf16", "int8", "fp8"]))
 

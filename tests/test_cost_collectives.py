@@ -13,6 +13,7 @@ from overlap.cost import COLLECTIVES, HARDWARE, collective_time
 from overlap.cost.collectives import all_to_all_bytes, fanout
 from overlap.errors import ConfigError
 from overlap.ops_graph import Collective, Routing
+from tests.strategies import expert_all_to_alls
 
 # Round numbers: 100 GB/s inside a node of 8, 10 GB/s per NIC, links at full efficiency; every
 # (token, expert) copy sent on its own (FWD below: DeepEP's forwarding).
@@ -206,18 +207,7 @@ def test_forwarding_off_or_low_latency_prices_every_copy_as_before():
         assert collective_time("all_to_all", 1.6e9, 64, hw, **kwargs) == plain
 
 
-@st.composite
-def _a2a(draw):
-    per_node = draw(st.sampled_from([1, 2, 4, 8]))
-    n = per_node * draw(st.integers(1, 16))
-    experts = n * draw(st.integers(1, 4))
-    topk = draw(st.integers(1, min(experts, 9)))
-    groups = draw(st.sampled_from([g for g in (1, 2, 4, 8) if experts % g == 0]))
-    routing = Routing(topk, experts, groups, draw(st.integers(1, groups)))
-    return n, per_node, routing
-
-
-@given(case=_a2a(), size=st.floats(1.0, 1e10))
+@given(case=expert_all_to_alls(), size=st.floats(1.0, 1e10))
 def test_forwarding_never_sends_more_over_rdma(case, size):
     """Sending once per node never puts more bytes through the NIC than one send per expert,
     and both cross NVLink and RDMA within their physical bounds."""
