@@ -202,7 +202,8 @@ def test_deepseek_v3_expert_all_to_alls_carry_its_group_limited_routing():
 def test_group_count_must_divide_the_experts():
     """A config whose n_group does not split the routed experts is refused by name."""
     config = {**PRESETS["deepseek-v3"], "n_group": 7}
-    with pytest.raises(ConfigError, match=r"^'n_group' \(7\) must divide 'n_routed_experts' \(256\)"):
+    with pytest.raises(ConfigError, match=r"^'n_routed_experts' \(256\) must be divisible by "
+                                          r"'n_group' \(7\)$"):
         ModelConfig.from_hf(config)
 
 

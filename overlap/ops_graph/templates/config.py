@@ -93,9 +93,12 @@ class ModelConfig:
                 f"'num_experts_per_tok' ({self.num_experts_per_tok}) must be <= "
                 f"'n_routed_experts' ({self.n_routed_experts})"
             )
-        if self.n_routed_experts % self.n_group or self.topk_group > self.n_group:
-            raise ConfigError(f"'n_group' ({self.n_group}) must divide 'n_routed_experts' "
-                              f"({self.n_routed_experts}) and be >= 'topk_group' ({self.topk_group})")
+        # The reference model (overlap.reference.config) words these two checks the same way.
+        if self.n_routed_experts % self.n_group:
+            raise ConfigError(f"'n_routed_experts' ({self.n_routed_experts}) must be divisible by "
+                              f"'n_group' ({self.n_group})")
+        if not 1 <= self.topk_group <= self.n_group:
+            raise ConfigError(f"'topk_group' must be in 1..{self.n_group} (got {self.topk_group})")
         if self.family == "deepseek" and not (self.kv_lora_rank and self.qk_rope_head_dim):
             raise ConfigError(f"model {self.name!r}: MLA needs kv_lora_rank and qk_rope_head_dim")
         if self.family == "qwen3_moe" and not (self.num_kv_heads and self.head_dim):
