@@ -237,7 +237,8 @@ class Calibration:
         }
         if max(changes["intra_link_efficiency"], changes["inter_link_efficiency"]) > 1:
             # Collectives ran faster than the links allow: the bytes model counts more than the
-            # kernels move (DeepEP's per-node deduplication). Correct the bytes, not the links.
+            # kernels move (an all-to-all priced without forwarding that deduplicates per
+            # node). Correct the bytes, not the links.
             del changes["intra_link_efficiency"], changes["inter_link_efficiency"]
             changes["comm_bytes_factor"] = hw.comm_bytes_factor * m
         for field, value in changes.items():
