@@ -169,7 +169,8 @@ def test_request_ids_must_name_each_request_once(model):
 def test_group_count_must_divide_the_experts():
     """n_group that does not divide n_routed_experts is a ConfigError (the model config says so
     before the reference config would)."""
-    with pytest.raises(ConfigError, match=r"^'n_group' \(3\) must divide 'n_routed_experts' \(8\)"):
+    with pytest.raises(ConfigError, match=r"^'n_routed_experts' \(8\) must be divisible by "
+                                          r"'n_group' \(3\)$"):
         ReferenceConfig.tiny(n_group=3, topk_group=1)
 
 
