@@ -1,10 +1,11 @@
 """Running a vLLM ``DeepseekV2Model``'s decoder layers as a Plan, one step at a time.
 
 :class:`DeepseekOverlap` is attached to each model when the plugin is configured. Per step it
-splits the batch at request boundaries (the split agreed across data-parallel ranks), rebuilds
-the attention metadata per microbatch, and hands every decoder layer to the :class:`Executor` as
-a bound ops graph (see ``graph``): one plan spans all layers, so a strategy may overlap one
-layer's tail with the next layer's head. Whatever it cannot run exactly — a configuration it
+splits the batch at request boundaries, or through a request when that split is refused (the
+split agreed across data-parallel ranks; see ``decide_split``), rebuilds the attention metadata
+per microbatch, and hands every decoder layer to the :class:`Executor` as a bound ops graph
+(see ``graph``): one plan spans all layers, so a strategy may overlap one layer's tail with the
+next layer's head. Whatever it cannot run exactly — a configuration it
 does not support, torch.compile tracing, CUDA graphs, a batch too small to split — runs the stock
 forward instead, and the reason is logged once.
 
