@@ -41,7 +41,8 @@ HOST_TARGET_MS = 0.5  # issue 9: median added host time per planned step
 
 
 def host_time(llm, prompts: list[dict], params) -> dict:
-    """One generate with the plugin timing itself: median/p90 added host ms per planned step."""
+    """One generate with the plugin timing itself: the added host ms per planned step (median,
+    p90; wall and host-thread CPU) and the median of each section of it."""
     from overlap.integrations.vllm import control, stats
 
     llm.collective_rpc(control, kwargs={"enabled": True, "timing": True, "reset": True})
@@ -53,7 +54,25 @@ def host_time(llm, prompts: list[dict], params) -> dict:
         return {"steps": 0, "median_ms": None, "p90_ms": None, "median_cpu_ms": None}
     return {"steps": len(ms), "median_ms": statistics.median(ms),
             "p90_ms": ms[min(len(ms) - 1, int(0.9 * len(ms)))],
-            "median_cpu_ms": statistics.median(cpu)}
+            "median_cpu_ms": statistics.median(cpu),
+            "sections_ms": {k: statistics.median(v) for k, v in counters["host_sections"].items()},
+            "sections_cpu_ms": {k: statistics.median(v)
+                                for k, v in counters["host_cpu_sections"].items()}}
+
+
+def print_host_time(host: dict, executors: int, planned: int) -> None:
+    """The added host time per planned step: totals against the target, then per section."""
+    print(f"  added host time per planned step, median over {host['steps']} steps "
+          f"(target <= {HOST_TARGET_MS} ms): {host['median_ms']:.3f} ms wall "
+          f"(p90 {host['p90_ms']:.3f}), {host['median_cpu_ms']:.3f} ms host-thread CPU; "
+          f"executors built: {executors} for {planned} planned steps")
+    names = list(host["sections_ms"])
+    print(f"    {'ms':<5}" + "".join(f"{n:>10}" for n in names) + f"{'total':>10}")
+    for label, key, total in (("wall", "sections_ms", host["median_ms"]),
+                              ("cpu", "sections_cpu_ms", host["median_cpu_ms"])):
+        print(f"    {label:<5}" + "".join(f"{host[key][n]:>10.3f}" for n in names)
+              + f"{total:>10.3f}")
+    print("    (each column the median of that section; total = median of the per-step sums)")
 
 
 def overlap_seen(llm, prompts: list[dict], params) -> list[dict]:
@@ -140,11 +159,7 @@ def main() -> None:
           f"{counters.get('steps_planned', 0)}, stock steps {counters.get('fallback_batch', 0)}; "
           f"tokens identical: {outputs['on'] == outputs['off']})")
     if host["steps"]:
-        print(f"  added host time per planned step: median {host['median_ms']:.3f} ms wall "
-              f"(p90 {host['p90_ms']:.3f}), {host['median_cpu_ms']:.3f} ms host-thread CPU, over "
-              f"{host['steps']} steps (target <= {HOST_TARGET_MS} ms); executors built in all: "
-              f"{counters.get('executors_built', 0)} for {counters.get('steps_planned', 0)} "
-              "planned steps")
+        print_host_time(host, counters.get("executors_built", 0), counters.get("steps_planned", 0))
     for rank, r in enumerate(seen):
         share = "n/a" if r["overlapped"] is None else f"{r['overlapped']:.2f}"
         print(f"  rank {rank}, recorded: planned step {r['step_ms']:.2f} ms, collectives "
@@ -154,7 +169,7 @@ def main() -> None:
         write_json(args.json, {"overlap_seen": seen,
             "workload": vars(args) | {"json": str(args.json)}, "seconds": seconds,
             "tokens_per_s": rate, "ratio": ratio, "tokens_identical": outputs["on"] == outputs["off"],
-            "stats": {k: v for k, v in counters.items() if k != "host_ms"},
+            "stats": {k: v for k, v in counters.items() if not k.startswith("host_")},
             "host_time": host}, indent=1)
 
 

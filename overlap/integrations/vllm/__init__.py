@@ -30,10 +30,12 @@ def stats(worker: Any) -> dict[str, Any]:
     microbatch), ``fallback_<why>``, ``executors_built``; plus ``strategy``, ``backend``,
     ``layers``, ``moe_forms`` (per decoder layer ``dense``, ``split`` or ``coarse``: see
     docs/vllm.md), ``unsupported`` (why nothing is planned, "" if it is), ``replaced`` (wrapped vLLM
-    methods something replaced since) and ``host_ms`` / ``host_cpu_ms`` (per planned step while
+    methods something replaced since), ``host_ms`` / ``host_cpu_ms`` (per planned step while
     timing: the adapter's own host time, i.e. the forward minus its op calls, embedding and final
     norm, in wall-clock and in the host thread's CPU time; with ``threads`` op calls on workers
-    overlap, so these are exact on ``inline`` only).
+    overlap, so these are exact on ``inline`` only) and ``host_sections`` /
+    ``host_cpu_sections`` (the same per section of the step, ``timing.SECTIONS``: section ->
+    per-step ms; ``host_ms`` is their sum).
     Empty when the plugin is off in that worker.
     """
     adapter = _adapter(worker)
@@ -45,8 +47,10 @@ def stats(worker: Any) -> dict[str, Any]:
     out.update(strategy=adapter.config.strategy, backend=adapter.backend_name,
                layers=adapter.layer_count, moe_forms=list(adapter.moe_forms),
                unsupported=adapter.unsupported,
-               replaced=replaced_wrappers(), host_ms=list(adapter.host_ms),
-               host_cpu_ms=list(adapter.host_cpu_ms))
+               replaced=replaced_wrappers(), host_ms=adapter.host.totals(),
+               host_cpu_ms=adapter.host.totals(cpu=True),
+               host_sections={k: list(v) for k, v in adapter.host.wall_ms.items()},
+               host_cpu_sections={k: list(v) for k, v in adapter.host.cpu_ms.items()})
     return out
 
 
@@ -74,14 +78,13 @@ def control(worker: Any, enabled: bool | None = None, backend: str | None = None
             raise ConfigError(f"'backend' must be one of {', '.join(BACKEND_CHOICES[1:])} "
                               f"(got {backend!r})")
         adapter.set_backend(backend)
-    if timing is not None:
-        adapter.timing = bool(timing)
-    if record is not None:
-        adapter.record = bool(record)
     if reset:
         adapter.stats.clear()
-        adapter.host_ms.clear()
-        adapter.host_cpu_ms.clear()
+        adapter.host.clear()
+    if timing is not None:
+        adapter.timer = adapter.host if timing else None
+    if record is not None:
+        adapter.record = bool(record)
     return True
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import re
 import threading
-import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +35,7 @@ from overlap.backends.executor import BackendUnavailableError, Executor
 from overlap.integrations.vllm import metadata as md_utils
 from overlap.integrations.vllm.config import OverlapConfig
 from overlap.integrations.vllm.graph import INPUTS, layer_graph
+from overlap.integrations.vllm.timing import HostTimer
 from overlap.ops_graph.graph import Graph, ModelGraph
 from overlap.plan.batch import Batch
 from overlap.plan.deps import unordered_kv_reads
@@ -100,11 +100,8 @@ class DeepseekOverlap:
         self._kv_checked: dict[tuple, str] = {}  # shape bucket of a cut split -> why not
         self.stats: Counter[str] = Counter()
         self.unsupported = _unsupported(model, vllm_config)
-        self.timing = False  # record per-step host time (see ``control``); off costs nothing
-        self.host_ms: list[float] = []  # per planned step, while timing: wall clock
-        self.host_cpu_ms: list[float] = []  # the same in the host thread's CPU time
-        self._op_s = 0.0
-        self._op_cpu = 0.0
+        self.host = HostTimer()  # per planned step: the adapter's own host time, by section
+        self.timer: HostTimer | None = None  # ``host`` while timing (``control``), else None
         self._builders = md_utils.BuilderPool()
         self._splits: dict[tuple[int, ...], tuple[Split | None, str]] = {}
         self._logged: set[str] = set()
@@ -141,6 +138,9 @@ class DeepseekOverlap:
         args = (input_ids, positions, intermediate_tensors, inputs_embeds)
         if not self.enabled:
             return stock(*args)
+        timer = self.timer
+        if timer is not None:
+            timer.start()
         reason = self.unsupported or _unsupported_now(self.model)
         if reason:
             return self._fallback("config", reason, stock, args)
@@ -148,7 +148,6 @@ class DeepseekOverlap:
 
         if not is_forward_context_available():
             return self._fallback("context", "no forward context", stock, args)
-        start, start_cpu = (time.perf_counter(), time.thread_time()) if self.timing else (0.0, 0.0)
         ctx = get_forward_context()
         if ctx.cudagraph_runtime_mode.name != "NONE":
             return self._fallback("cudagraph", "CUDA-graph capture/replay is not planned", stock, args)
@@ -158,6 +157,8 @@ class DeepseekOverlap:
         executor = self._executor(planned)
         if executor is None:
             return self._fallback("config", self.unsupported, stock, args)
+        if timer is not None:
+            timer.lap("decide")
         try:
             contexts, prefill = self._contexts(ctx, planned, pendings)
         except md_utils.SplitError as exc:  # this step only: the next may split
@@ -172,9 +173,9 @@ class DeepseekOverlap:
             log.warning("overlap: %s; this and later steps run the stock forward",
                         self.unsupported, exc_info=True)
             return self._fallback("error", self.unsupported, stock, args)
-        if self.timing:
-            self.host_ms.append((time.perf_counter() - start - self._op_s) * 1e3)
-            self.host_cpu_ms.append((time.thread_time() - start_cpu - self._op_cpu) * 1e3)
+        if timer is not None:
+            timer.lap("finish")
+            timer.done()
         return hidden
 
     def _decide(self, ctx: Any, positions: Any) -> tuple[Split | None, str, dict[int, Any]]:
@@ -273,19 +274,23 @@ class DeepseekOverlap:
             except md_utils.CutError as exc:
                 self._stop_cutting(str(exc))
                 raise
+        timer = self.timer
+        if timer is not None:
+            timer.lap("metadata")
         dp_md = self._dp_metadata(ctx, planned) if ctx.dp_metadata is not None else None
         contexts = md_utils.microbatch_contexts(ctx, planned, subs, dp_md)
         prefill = [[s[m] for s in subs.values() if getattr(s[m], "prefill", None) is not None]
                    for m in range(planned.n)]
+        if timer is not None:
+            timer.lap("contexts")
         return contexts, prefill
 
     def _run(self, ctx: Any, planned: Split, executor: Executor, contexts: list[Any],
              prefill: list[list[Any]], input_ids: Any, positions: Any, inputs_embeds: Any) -> Any:
-        model = self.model
+        model, timer = self.model, self.timer
         bounds = [(m.token_start, m.token_end) for m in planned.micro]
         self._step = _Step(contexts, [positions[a:b] for a, b in bounds], prefill)
         self._host_thread = threading.get_ident()
-        self._op_s = self._op_cpu = 0.0
         # The executor's plan keeps the split it was built for (its bucket's first); map each
         # of its microbatch row ranges to this step's.
         rows = {(m.token_start, m.token_end): bound
@@ -295,9 +300,10 @@ class DeepseekOverlap:
             a, b = rows[(start, end)]
             return value[a:b]
 
-        clock = self._clock()
+        clock = timer.op_clock() if timer is not None else None
         hidden = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
-        self._count_op(clock)  # the embedding and final norm are the stock forward's work too
+        if clock is not None:  # the embedding and final norm are the stock forward's work too
+            timer.op_done(clock)
         try:
             out = executor.run({INPUTS[0]: hidden, INPUTS[1]: hidden}, layers=self._layers,
                                take=take, context=self._context)
@@ -313,23 +319,13 @@ class DeepseekOverlap:
         self.stats[f"steps_{planned.n}_microbatches"] += 1
         if any(cut_flags(planned)):  # a microbatch continued a request the previous one cut
             self.stats["steps_cut_request"] += 1
-        clock = self._clock()
+        if timer is not None:
+            timer.lap("dispatch")
+            clock = timer.op_clock()
         hidden, _ = model.norm(out["hidden_out"], out["residual_out"])
-        self._count_op(clock)
-        return hidden
-
-    def _clock(self) -> tuple[float, float] | None:
-        return (time.perf_counter(), time.thread_time()) if self.timing else None
-
-    def _count_op(self, clock: tuple[float, float] | None) -> None:
-        """Add the time since ``clock`` to the step's op time (model work, not added time).
-
-        CPU time is per thread: an op on a worker thread (the threads backend) spent none of the
-        host thread's, so only host-thread ops are taken off the host-thread CPU figure."""
         if clock is not None:
-            self._op_s += time.perf_counter() - clock[0]
-            if threading.get_ident() == self._host_thread:
-                self._op_cpu += time.thread_time() - clock[1]
+            timer.op_done(clock)
+        return hidden
 
     # -- plans and executors ----------------------------------------------------------------------
 
@@ -556,13 +552,13 @@ class _HostScope:
     def __enter__(self) -> None:
         adapter = self.adapter
         adapter._local.micro = self.micro
-        if adapter.timing:
-            self.clock = adapter._clock()
+        if adapter.timer is not None:
+            self.clock = adapter.timer.op_clock()
 
     def __exit__(self, *exc: object) -> None:
         if self.clock is not None:
             clock, self.clock = self.clock, None
-            self.adapter._count_op(clock)
+            self.adapter.host.op_done(clock)
 
 
 class _Micro:
@@ -585,13 +581,13 @@ class _Micro:
 
             self.mode = torch.inference_mode()
             self.mode.__enter__()
-        if adapter.timing:
-            self.clock = adapter._clock()
+        if adapter.timer is not None:
+            self.clock = adapter.timer.op_clock()
 
     def __exit__(self, *exc: object) -> None:
         if self.clock is not None:
             clock, self.clock = self.clock, None
-            self.adapter._count_op(clock)
+            self.adapter.host.op_done(clock)
         if self.mode is not None:
             mode, self.mode = self.mode, None
             mode.__exit__(*exc)
