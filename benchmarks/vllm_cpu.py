@@ -6,7 +6,8 @@ executor's per-op dispatch. One engine serves both arms (the plugin's ``control`
 the adapter off and on), alternating rounds so drift on a shared machine hits both alike.
 A last round with the plugin on measures the adapter's own host time per planned step
 (:func:`host_time`: the planned forward minus its op calls, embedding and final norm, in wall
-clock and in the host thread's CPU time, which a busy shared machine inflates less), and one
+clock and in the host thread's CPU time, which a busy shared machine inflates less; per section
+and in all, against the target; ``vllm_host_profile.py`` ranks the pieces), and one
 more records every op span (:func:`overlap_seen`): per rank, the planned step time from the
 spans and the share of collective time that ran while another stream computed.
 

@@ -798,7 +798,11 @@ def test_common_metadata_cut_equals_vllms_split_attn_metadata(batch: Any, n: int
         max_seq_len=int(seq.max()), block_table_tensor=torch.arange(len(requests) * 3).view(-1, 3),
         slot_mapping=torch.arange(tokens, dtype=torch.int64), seq_lens_cpu_upper_bound=seq)
     theirs = split_attn_metadata(ubatch_slices(planned), common)
+    before = {f.name: getattr(common, f.name).clone() for f in dataclasses.fields(common)
+              if isinstance(getattr(common, f.name), torch.Tensor)}
     mine = slice_common(common, planned)
+    for name, values in before.items():  # its cuts may be views: the step's own must not change
+        assert torch.equal(getattr(common, name), values), name
     assert len(mine) == len(theirs) == n
     for a, b in zip(mine, theirs):
         for field in dataclasses.fields(b):

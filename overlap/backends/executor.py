@@ -68,7 +68,9 @@ class Backend(Protocol):
     Optional extras: ``use(handle, value)`` is called when a step reads a value produced on another
     stream (device backends use it to keep the memory alive for that stream); a true
     ``implicit_waits`` attribute says the backend orders streams by data dependencies only (graph
-    capture), and the executor then refuses plans that need more; ``timing_event(handle)`` returns
+    capture), and the executor then refuses plans that need more; a true ``immediate`` attribute
+    says ``submit`` runs the work before it returns and ``record``/``wait``/``host_wait`` do
+    nothing (``inline``), so the executor calls the steps itself; ``timing_event(handle)`` returns
     a timing event recorded on the stream and ``elapsed_s(a, b)`` the seconds from event ``a`` to
     ``b`` (device backends: the executor then times steps with them instead of the host clock).
     """
@@ -240,6 +242,7 @@ class Executor:
         self.timeline: Timeline | None = None
         timing_event = getattr(self.backend, "timing_event", None) if record else None
         self._device_clock = timing_event is not None
+        self._immediate = bool(getattr(self.backend, "immediate", False)) and not self._device_clock
         n = len(plan.steps)
         self._starts: list[Any] = [None] * n if record else []
         self._ends: list[Any] = [None] * n if record else []
@@ -250,7 +253,7 @@ class Executor:
         self._env: list[Any] = [MISSING] * self._program.n_slots
         self._countdowns: list[list[None]] = [[] for _ in self._program.countdowns]
         self._events: list[Any] = [None] * len(plan.steps)
-        self._bound: tuple[Sequence[Graph], Any, list[tuple]] | None = None
+        self._bound: tuple[Sequence[Graph], Any, list[tuple], list[Any]] | None = None
 
     # -- running --------------------------------------------------------------------------------
 
@@ -267,7 +270,7 @@ class Executor:
         Returns the last layer's outputs for the whole batch, by name. An op that raises surfaces
         as one :class:`ExecutionError`; the backend is drained first, so the executor can run again.
         """
-        program = self._issue_program(layers, context)
+        program, calls = self._issue_program(layers, context)
         self._load(inputs, take or _take)
         env, events, backend = self._env, self._events, self.backend
         wait, submit, record = backend.wait, backend.submit, backend.record
@@ -277,15 +280,19 @@ class Executor:
         elif self.record:
             origin = [time.perf_counter()]
         try:
-            for i, handle, call, label, waits, rec, host in program:
-                for on in waits:
-                    wait(handle, events[on])
-                if host:
-                    self._host_step(handle, call, label, submit)
-                else:
-                    submit(handle, call, label)
-                if rec:
-                    events[i] = record(handle)
+            if self._immediate:  # issue order is run order and events are no-ops: just call
+                for call in calls:
+                    call()
+            else:
+                for i, handle, call, label, waits, rec, host in program:
+                    for on in waits:
+                        wait(handle, events[on])
+                    if host:
+                        self._host_step(handle, call, label, submit)
+                    else:
+                        submit(handle, call, label)
+                    if rec:
+                        events[i] = record(handle)
             backend.synchronize()
             if self.record:
                 self.timeline = self._measured(origin[0])
@@ -365,13 +372,16 @@ class Executor:
     # -- compiling closures -----------------------------------------------------------------------
 
     def _issue_program(self, layers: Sequence[Graph] | None,
-                       context: Callable[[int], AbstractContextManager[Any]] | None) -> list[tuple]:
+                       context: Callable[[int], AbstractContextManager[Any]] | None
+                       ) -> tuple[list[tuple], list[Callable[[], None]]]:
+        """Per step (index, stream handle, call, label, waits, recorded, host), and the calls
+        alone, compiled once for ``layers`` and ``context`` (reused while both are the same)."""
         layers = self.plan.model.layers if layers is None else layers
         bound = self._bound
         if bound is not None and bound[1] is context and (
                 bound[0] is layers or (len(bound[0]) == len(layers)
                                        and all(a is b for a, b in zip(bound[0], layers)))):
-            return bound[2]
+            return bound[2], bound[3]
         fns = self._functions(layers)
         program = self._program
         use = getattr(self.backend, "use", None)
@@ -384,8 +394,9 @@ class Executor:
                 call = self._host_timed(i, call)
             out.append((i, handle, call, step.label(), tuple(program.waits[i]),
                         i in program.recorded, program.host[i]))
-        self._bound = (tuple(layers), context, out)
-        return out
+        calls = [step[2] for step in out]
+        self._bound = (tuple(layers), context, out, calls)
+        return out, calls
 
     def _functions(self, layers: Sequence[Graph]) -> list[Callable[..., Any]]:
         plan = self.plan
@@ -406,6 +417,8 @@ class Executor:
 
     def _closure(self, i: int, fn: Callable[..., Any], context: Any, use: Any,
                  handle: Any) -> Callable[[], None]:
+        # Runs once per op and step, so it is kept lean: everything that depends on the plan is
+        # bound here, and the loops below are over tuples that are usually empty.
         p = self._program
         step = self.plan.steps[i]
         layer, micro, name = step.layer, step.micro, step.op
@@ -416,16 +429,17 @@ class Executor:
         single = len(writes) == 1
         out0 = writes[0] if writes else -1
 
-        def fail(slot: int) -> ExecutionError:
+        def fail(args: list[Any]) -> ExecutionError:
+            slot = reads[next(k for k, a in enumerate(args) if a is MISSING)]
             return ExecutionError(layer, micro, name, PlanError(
                 f"value {p.names[slot]} was read before it was written or after it was freed: "
                 "the plan is missing a wait"))
 
         def call() -> None:
             args = [env[s] for s in reads]
-            for k, a in enumerate(args):
+            for a in args:
                 if a is MISSING:
-                    raise fail(reads[k])
+                    raise fail(args)
             for k in cross:
                 use(handle, args[k])
             for s in frees:

@@ -17,6 +17,7 @@ class InlineBackend:
     """Runs work immediately when it is submitted; a failure propagates from ``submit``."""
 
     name = "inline"
+    immediate = True  # the executor may call steps itself instead of submitting them
 
     def make_stream(self, stream: Stream) -> str:
         return stream.name

@@ -35,7 +35,7 @@ from overlap.backends.executor import BackendUnavailableError, Executor
 from overlap.integrations.vllm import metadata as md_utils
 from overlap.integrations.vllm.config import OverlapConfig
 from overlap.integrations.vllm.graph import INPUTS, layer_graph
-from overlap.integrations.vllm.timing import HostTimer
+from overlap.integrations.vllm.timing import HostTimer, TimedScope
 from overlap.ops_graph.graph import Graph, ModelGraph
 from overlap.plan.batch import Batch
 from overlap.plan.deps import unordered_kv_reads
@@ -76,10 +76,12 @@ class DeepseekOverlap:
     """Executes one DeepseekV2Model's decoder layers under a plan (or says why it does not)."""
 
     def __init__(self, model: Any, config: OverlapConfig, vllm_config: Any) -> None:
+        import vllm.forward_context
         from vllm.distributed import get_tensor_model_parallel_world_size
         from vllm.platforms import current_platform
 
         self.model = model
+        self._fc = vllm.forward_context  # read every step: looked up once, not imported per call
         self.config = config
         self.vllm_config = vllm_config
         self.auto: Any = None  # strategy auto: its AutoPlanner (integrations.vllm.auto)
@@ -109,12 +111,14 @@ class DeepseekOverlap:
         self._step: _Step | None = None
         self._host_thread = threading.get_ident()
         self._context = self._scope  # one object, so executors reuse their compiled closures
-        self._host_scopes: list[_HostScope] = []
+        self._scope_sets: dict[bool, list[Any]] = {False: [], True: []}  # untimed, timed
+        self._host_scopes: list[Any] = []  # the running step's set
         self._count_keys: dict[tuple[str, int], str] = {}
         self._layers: tuple[Graph, ...] | None = None
         self._model_graph: ModelGraph | None = None
         self._templates: dict[Any, Plan] = {}  # by shape bucket (and, for auto, the choice)
         self._executors: OrderedDict[tuple[tuple[int, ...], bool], Executor] = OrderedDict()
+        self._bucket: tuple[Split | None, tuple[int, ...]] = (None, ())  # the last split's
 
     # -- control ------------------------------------------------------------------------------------
 
@@ -144,11 +148,9 @@ class DeepseekOverlap:
         reason = self.unsupported or _unsupported_now(self.model)
         if reason:
             return self._fallback("config", reason, stock, args)
-        from vllm.forward_context import get_forward_context, is_forward_context_available
-
-        if not is_forward_context_available():
+        if not self._fc.is_forward_context_available():
             return self._fallback("context", "no forward context", stock, args)
-        ctx = get_forward_context()
+        ctx = self._fc.get_forward_context()
         if ctx.cudagraph_runtime_mode.name != "NONE":
             return self._fallback("cudagraph", "CUDA-graph capture/replay is not planned", stock, args)
         planned, reason, pendings = self._decide(ctx, positions)
@@ -196,7 +198,7 @@ class DeepseekOverlap:
             planned, why = plan_step(self, batch)
             return planned, why or reason, pendings
         if common is not None and not (self.dp > 1 and self.config.microbatches > 1):
-            key = tuple(common.query_start_loc_cpu[: common.num_reqs + 1].tolist())
+            key = tuple(common.query_start_loc_cpu.tolist()[: common.num_reqs + 1])
             hit = self._splits.get(key)
             if hit is None:
                 batch = md_utils.batch_of(common)
@@ -291,12 +293,15 @@ class DeepseekOverlap:
         bounds = [(m.token_start, m.token_end) for m in planned.micro]
         self._step = _Step(contexts, [positions[a:b] for a, b in bounds], prefill)
         self._host_thread = threading.get_ident()
+        self._host_scopes = self._scopes(planned.n, timer is not None)
         # The executor's plan keeps the split it was built for (its bucket's first); map each
         # of its microbatch row ranges to this step's.
         rows = {(m.token_start, m.token_end): bound
                 for m, bound in zip(executor.plan.split.micro, bounds)}
 
         def take(value: Any, start: int, end: int) -> Any:
+            if value is None:
+                return None
             a, b = rows[(start, end)]
             return value[a:b]
 
@@ -304,8 +309,8 @@ class DeepseekOverlap:
         hidden = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
         if clock is not None:  # the embedding and final norm are the stock forward's work too
             timer.op_done(clock)
-        try:
-            out = executor.run({INPUTS[0]: hidden, INPUTS[1]: hidden}, layers=self._layers,
+        try:  # no residual before layer 0, as in the stock forward (its attn op ignores it)
+            out = executor.run({INPUTS[0]: hidden, INPUTS[1]: None}, layers=self._layers,
                                take=take, context=self._context)
             if executor.timeline is not None:
                 self._recorded(executor.timeline)
@@ -351,7 +356,9 @@ class DeepseekOverlap:
 
     def _executor(self, planned: Split) -> Executor | None:
         """The cached executor of ``planned``'s shape bucket (built on its first step)."""
-        key = (shape_bucket(planned), self.record or bool(self._trace))
+        if self._bucket[0] is not planned:  # cached splits recur: so does their (pure) bucket
+            self._bucket = (planned, shape_bucket(planned))
+        key = (self._bucket[1], self.record or bool(self._trace))
         auto = self.config.strategy == "auto"
         if auto:  # one executor per decided choice and bucket
             key = (*key, self.decision.choice)
@@ -435,15 +442,22 @@ class DeepseekOverlap:
         """The executor's ``context(m)``: tells the ops (on whatever thread) their microbatch.
 
         On the host thread ops run one at a time, so one reusable scope per microbatch serves
-        (it is entered for every op call: a new object each time costs measurable host time).
-        Off the host thread it also enters inference mode, which torch keeps per thread.
+        (it is entered for every op call: a new object each time costs measurable host time);
+        ``_run`` picks the step's set, timed or not. Off the host thread it also enters
+        inference mode, which torch keeps per thread.
         """
         if threading.get_ident() == self._host_thread:
-            scopes = self._host_scopes
-            while len(scopes) <= micro:
-                scopes.append(_HostScope(self, len(scopes)))
-            return scopes[micro]
+            return self._host_scopes[micro]
         return _Micro(self, micro)
+
+    def _scopes(self, n: int, timed: bool) -> list[Any]:
+        """At least ``n`` reusable host-thread scopes, timing the op calls or not."""
+        scopes = self._scope_sets[timed]
+        while len(scopes) < n:
+            m = len(scopes)
+            scopes.append(TimedScope(self._local, m, self.host) if timed
+                          else _HostScope(self._local, m))
+        return scopes
 
     def micro(self) -> int:
         """The microbatch of the op running on this thread."""
@@ -542,23 +556,19 @@ def decide_split(batch: Batch | None, config: OverlapConfig, dp: int,
 
 
 class _HostScope:
-    """:class:`_Micro` for ops on the host thread: reused, no inference-mode switch."""
+    """:class:`_Micro` for ops on the host thread: reused, no inference-mode switch (and
+    :class:`~overlap.integrations.vllm.timing.TimedScope` while timing)."""
 
-    __slots__ = ("adapter", "micro", "clock")
+    __slots__ = ("local", "micro")
 
-    def __init__(self, adapter: DeepseekOverlap, micro: int) -> None:
-        self.adapter, self.micro, self.clock = adapter, micro, None
+    def __init__(self, local: threading.local, micro: int) -> None:
+        self.local, self.micro = local, micro
 
     def __enter__(self) -> None:
-        adapter = self.adapter
-        adapter._local.micro = self.micro
-        if adapter.timer is not None:
-            self.clock = adapter.timer.op_clock()
+        self.local.micro = self.micro
 
     def __exit__(self, *exc: object) -> None:
-        if self.clock is not None:
-            clock, self.clock = self.clock, None
-            self.adapter.host.op_done(clock)
+        pass
 
 
 class _Micro:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -142,7 +142,8 @@ def slice_common(common: Any, split: Split) -> list[Any]:
 
     The same fields and values as vLLM's ``split_attn_metadata`` (tested against it), with
     fewer tensor operations: the request offsets come from one host list, and the per-request
-    tensors are views unless a cut changes them. A request cut in two appears in both
+    tensors (and the first microbatch's offsets) are views unless a cut changes them; nothing
+    here writes to the step's tensors. A request cut in two appears in both
     microbatches: the first piece as a shorter request (its query and ``seq_lens`` end at the
     cut), the second with its query starting at the cut and the request's full ``seq_lens``, so
     its context is the first piece's tokens plus what was cached before; its attention reads
@@ -162,9 +163,11 @@ def slice_common(common: Any, split: Split) -> list[Any]:
         head, tail = a - starts[first], starts[last] - b  # tokens cut off either end
         local = [min(max(x, a), b) - a for x in starts[first:last + 1]]
         query_len = max(y - x for x, y in zip(local, local[1:]))
-        loc = common.query_start_loc[first:last + 1] - a
+        loc = common.query_start_loc[first:last + 1]
+        if a:  # the first microbatch's offsets already start at 0: its view serves
+            loc = loc - a
         if head or tail:
-            loc.clamp_(0, b - a)
+            loc = loc.clamp(0, b - a) if not a else loc.clamp_(0, b - a)
         seq = common.seq_lens[first:last]
         seq_upper = upper[first:last] if upper is not None else None
         max_seq = common.max_seq_len
@@ -177,8 +180,10 @@ def slice_common(common: Any, split: Split) -> list[Any]:
         if upper_list is not None:
             ups = upper_list[first:last]
             max_seq = max(max_seq, *ups[:-1], ups[-1] - tail)
+        # Likewise its host offsets, when no cut changes them.
+        loc_cpu = starts_cpu[first:last + 1] if not a and not tail else starts_cpu.new_tensor(local)
         out.append(CommonAttentionMetadata(
-            query_start_loc=loc, query_start_loc_cpu=starts_cpu.new_tensor(local),
+            query_start_loc=loc, query_start_loc_cpu=loc_cpu,
             seq_lens=seq, num_reqs=last - first, num_actual_tokens=b - a,
             max_query_len=query_len or common.max_query_len, max_seq_len=max_seq,
             block_table_tensor=common.block_table_tensor[first:last],
@@ -238,18 +243,51 @@ def microbatch_contexts(ctx: Any, split: Split, subs: dict[int, list[Any]],
                         dp_metadata: list[Any] | None) -> list[Any]:
     """A forward context per microbatch: its attention metadata and slot-mapping slice.
 
-    ``subs`` maps ``id(step metadata)`` to that metadata's per-microbatch objects.
+    ``subs`` maps ``id(step metadata)`` to that metadata's per-microbatch objects. Layers that
+    share one slot-mapping tensor (one KV-cache group) share its slice too.
     """
+    replaced = _replacer(ctx)
     out = []
     for m, micro in enumerate(split.micro):
         a, b = micro.token_start, micro.token_end
+        cut: dict[int, Any] = {}
+        slots = {}
+        for name, sm in ctx.slot_mapping.items():
+            piece = cut.get(id(sm))
+            if piece is None:
+                piece = cut[id(sm)] = sm[a:b]
+            slots[name] = piece
         changes: dict[str, Any] = {
             "attn_metadata": {name: subs[id(md)][m] for name, md in ctx.attn_metadata.items()},
-            "slot_mapping": {name: sm[a:b] for name, sm in ctx.slot_mapping.items()},
+            "slot_mapping": slots,
         }
         if ctx.is_padding is not None:
             changes["is_padding"] = ctx.is_padding[a:b]
         if dp_metadata is not None:
             changes["dp_metadata"] = dp_metadata[m]
-        out.append(dataclasses.replace(ctx, **changes))
+        out.append(replaced(changes))
     return out
+
+
+def _replacer(ctx: Any) -> Callable[[dict[str, Any]], Any]:
+    """``changes -> dataclasses.replace(ctx, **changes)``, at a fraction of its cost.
+
+    ``replace`` builds the new object through ``__init__`` with every init field's current
+    value; this copies the same values directly. It skips ``__post_init__``, which for vLLM's
+    ``ForwardContext`` only asserts that the (unchanged) CUDA-graph mode is valid. A dataclass
+    with non-init fields (which ``replace`` resets) or slots goes through ``replace``.
+    """
+    cls = type(ctx)
+    fields = dataclasses.fields(cls)
+    if not all(f.init for f in fields) or not hasattr(ctx, "__dict__"):
+        return lambda changes: dataclasses.replace(ctx, **changes)
+    values = ctx.__dict__
+    names = [f.name for f in fields]
+
+    def replaced(changes: dict[str, Any]) -> Any:
+        new = object.__new__(cls)
+        new.__dict__.update({name: values[name] for name in names})
+        new.__dict__.update(changes)
+        return new
+
+    return replaced

@@ -6,15 +6,16 @@ the join. :class:`HostTimer` measures exactly that: the planned forward's wall-c
 host-thread CPU time minus the time spent inside op calls (and the embedding and final norm,
 which the stock forward runs too), split into the :data:`SECTIONS` the forward passes through.
 
-Only the adapter creates one, and only while timing: with timing off the forward reads no clock.
+The adapter owns one and reads it only while timing: with timing off the forward reads no clock.
 CPU time is per thread, so an op on a worker thread (the ``threads`` backend) is taken off the
-wall figure only; on ``inline`` both figures are exact.
+wall figure only; on ``inline`` both figures are exact, up to the clock reads themselves (two
+per op call, kept cheap by :class:`TimedScope`; see its comments).
 """
 
 from __future__ import annotations
 
 import threading
-import time
+from time import perf_counter, thread_time
 
 # In the order a planned step passes through them (see DeepseekOverlap.forward).
 SECTIONS = ("decide", "metadata", "contexts", "dispatch", "finish")
@@ -43,11 +44,11 @@ class HostTimer:
         self._host = threading.get_ident()
         self._op_wall = self._op_cpu = 0.0
         self._step = {}
-        self._wall, self._cpu = time.perf_counter(), time.thread_time()
+        self._wall, self._cpu = perf_counter(), thread_time()
 
     def lap(self, section: str) -> None:
         """The time since the last lap, less op time, belongs to ``section`` (adds up)."""
-        wall, cpu = time.perf_counter(), time.thread_time()
+        wall, cpu = perf_counter(), thread_time()
         got = self._step.setdefault(section, [0.0, 0.0])
         got[0] += wall - self._wall - self._op_wall
         got[1] += cpu - self._cpu - self._op_cpu
@@ -63,13 +64,13 @@ class HostTimer:
 
     def op_clock(self) -> tuple[float, float]:
         """Stamps taken as an op call starts; hand them to :meth:`op_done` as it ends."""
-        return time.perf_counter(), time.thread_time()
+        return perf_counter(), thread_time()
 
     def op_done(self, clock: tuple[float, float]) -> None:
         """Take the op call started at ``clock`` off the current section."""
-        self._op_wall += time.perf_counter() - clock[0]
+        self._op_wall += perf_counter() - clock[0]
         if threading.get_ident() == self._host:
-            self._op_cpu += time.thread_time() - clock[1]
+            self._op_cpu += thread_time() - clock[1]
 
     @property
     def steps(self) -> int:
@@ -79,3 +80,31 @@ class HostTimer:
         """Per step, the sum of its sections (ms): the added host time."""
         by = self.cpu_ms if cpu else self.wall_ms
         return [sum(parts) for parts in zip(*(by[s] for s in SECTIONS))]
+
+
+class TimedScope:
+    """The adapter's reusable scope for op calls on the host thread, while timing: sets the
+    thread's microbatch (``local.micro``) and takes the call's time off ``timer``'s section.
+
+    The clocks are read in the order that keeps their own cost out of the measured host time
+    as far as it can: the wall clock outermost, so the slower thread-CPU clock reads (a system
+    call each) fall inside the op interval of the wall figure.
+    """
+
+    __slots__ = ("local", "micro", "timer", "wall", "cpu")
+
+    def __init__(self, local: threading.local, micro: int, timer: HostTimer) -> None:
+        self.local, self.micro, self.timer = local, micro, timer
+        self.wall = self.cpu = 0.0
+
+    def __enter__(self) -> None:
+        self.local.micro = self.micro
+        self.wall = perf_counter()
+        self.cpu = thread_time()
+
+    def __exit__(self, *exc: object) -> None:
+        cpu = thread_time()
+        wall = perf_counter()
+        timer = self.timer
+        timer._op_wall += wall - self.wall
+        timer._op_cpu += cpu - self.cpu

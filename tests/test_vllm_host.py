@@ -1,0 +1,172 @@
+"""The vLLM adapter's per-step host path, without an engine: its timer, its reusable scopes, the
+caches it keeps between steps (a changed shape must never reuse a stale entry) and the cheap
+forward-context copy, which must equal ``dataclasses.replace``.
+
+The engine runs (tokens and logprobs equal the stock forward's) are in tests/test_vllm_plugin.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections import Counter, OrderedDict
+from types import SimpleNamespace
+
+import pytest
+
+from overlap.integrations.vllm import timing
+from overlap.integrations.vllm.adapter import DeepseekOverlap, _HostScope, shape_bucket
+from overlap.integrations.vllm.config import OverlapConfig
+from overlap.integrations.vllm.graph import layer_graph
+from overlap.ops_graph.graph import ModelGraph
+from overlap.plan import Batch, split
+
+
+class FakeClock:
+    """Both clocks of ``timing``: each reading returns the next value given."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, wall: list[float], cpu: list[float]):
+        self.wall, self.cpu = list(wall), list(cpu)
+        monkeypatch.setattr(timing, "perf_counter", lambda: self.wall.pop(0))
+        monkeypatch.setattr(timing, "thread_time", lambda: self.cpu.pop(0))
+
+
+def test_sections_are_the_time_between_laps_less_op_time(monkeypatch) -> None:
+    """A section is the time since the previous lap minus the op calls inside it; sections
+    add up to the step's total, and the op time is not carried into the next section."""
+    # start 0 | op 1..4 (3 s) | lap decide at 6 | op 7..8 | lap dispatch at 10 | lap finish 12
+    FakeClock(monkeypatch, wall=[0, 1, 4, 6, 7, 8, 10, 12], cpu=[0, 1, 3, 5, 6, 6.5, 8, 9])
+    timer = timing.HostTimer()
+    scope = timing.TimedScope(threading.local(), 1, timer)
+    timer.start()
+    with scope:
+        assert scope.local.micro == 1
+    timer.lap("decide")
+    with scope:
+        pass
+    timer.lap("dispatch")
+    timer.lap("finish")
+    timer.done()
+    ms = {s: timer.wall_ms[s][0] / 1e3 for s in timing.SECTIONS}
+    cpu = {s: timer.cpu_ms[s][0] / 1e3 for s in timing.SECTIONS}
+    assert ms == {"decide": 3, "metadata": 0, "contexts": 0, "dispatch": 3, "finish": 2}
+    assert cpu == {"decide": 3, "metadata": 0, "contexts": 0, "dispatch": 2.5, "finish": 1}
+    assert timer.totals() == [8e3] and timer.totals(cpu=True) == [6.5e3] and timer.steps == 1
+
+
+def test_a_step_that_falls_back_keeps_no_sections_and_clear_forgets(monkeypatch) -> None:
+    """Only steps that reach ``done`` are kept (a fallback step's laps are dropped by the
+    next ``start``); ``clear`` forgets every kept step."""
+    FakeClock(monkeypatch, wall=[0, 1, 10, 12, 15], cpu=[0, 1, 10, 12, 15])
+    timer = timing.HostTimer()
+    timer.start()
+    timer.lap("decide")  # then the step fell back: no done()
+    timer.start()
+    timer.lap("decide")
+    timer.done()
+    assert timer.wall_ms["decide"] == [2e3] and timer.steps == 1
+    timer.clear()
+    assert timer.steps == 0 and timer.totals() == []
+
+
+def test_host_scopes_are_reused_and_switch_with_timing() -> None:
+    """One scope per microbatch is kept for each mode; timing picks the timed set, and the set
+    grows when a step has more microbatches than any before."""
+    fake = SimpleNamespace(_scope_sets={False: [], True: []}, _local=threading.local(),
+                           host=timing.HostTimer())
+    plain = DeepseekOverlap._scopes(fake, 2, False)
+    assert [type(s) for s in plain] == [_HostScope, _HostScope]
+    assert DeepseekOverlap._scopes(fake, 2, False) is plain and len(plain) == 2
+    timed = DeepseekOverlap._scopes(fake, 3, True)
+    assert [type(s) for s in timed] == [timing.TimedScope] * 3
+    assert [s.micro for s in timed] == [0, 1, 2] and all(s.timer is fake.host for s in timed)
+    with plain[1]:
+        assert fake._local.micro == 1
+
+
+def _executor_owner() -> SimpleNamespace:
+    """What ``DeepseekOverlap._executor`` reads, for a 1-layer dense graph (no vLLM needed)."""
+    graph = layer_graph(moe="dense", tp=1, ep=1, shared=False)
+    return SimpleNamespace(
+        _bucket=(None, ()), record=False, _trace=None, config=OverlapConfig(strategy="vllm_dbo"),
+        _executors=OrderedDict(), _layers=(graph,), _templates={},
+        _model_graph=ModelGraph("deepseek", [graph]), backend_name="inline", stats=Counter(),
+        unsupported="")
+
+
+def test_executor_cache_never_serves_a_stale_bucket() -> None:
+    """The last split's bucket is remembered by identity: the same split object reuses it, a
+    new split with the same bucket shares the executor, and a split of another bucket gets its
+    own executor, built for its own split (not the previous step's)."""
+    owner = _executor_owner()
+    small = split(Batch.of([(8, 0)] * 4), 2, min_tokens=1)  # 16 | 16 tokens: bucket (2, 16, 16)
+    same_bucket = split(Batch.of([(4, 0)] * 6), 2, min_tokens=1)  # 12 | 12
+    large = split(Batch.of([(40, 0)] * 4), 2, min_tokens=1)  # 80 | 80: bucket (2, 128, 128)
+    assert shape_bucket(small) == shape_bucket(same_bucket) != shape_bucket(large)
+    first = DeepseekOverlap._executor(owner, small)
+    assert DeepseekOverlap._executor(owner, small) is first
+    assert DeepseekOverlap._executor(owner, same_bucket) is first
+    other = DeepseekOverlap._executor(owner, large)
+    assert other is not first and other.plan.split is large
+    assert DeepseekOverlap._executor(owner, small) is first
+    assert owner.stats["executors_built"] == 2
+    for executor in owner._executors.values():
+        executor.close()
+
+
+@pytest.mark.vllm
+def test_forward_context_copy_equals_dataclasses_replace() -> None:
+    """The adapter's per-microbatch forward context has exactly the fields and values
+    ``dataclasses.replace`` gives, and is a new object."""
+    pytest.importorskip("vllm")
+    from vllm.forward_context import ForwardContext
+
+    from overlap.integrations.vllm.metadata import _replacer
+
+    ctx = ForwardContext(no_compile_layers={"a": 1}, attn_metadata={"l0": "whole"},
+                         slot_mapping={"l0": "all"}, moe_layer_index=3)
+    changes = {"attn_metadata": {"l0": "mb0"}, "slot_mapping": {"l0": "rows"}}
+    mine, theirs = _replacer(ctx)(changes), dataclasses.replace(ctx, **changes)
+    assert type(mine) is ForwardContext and mine is not ctx
+    assert mine.__dict__ == theirs.__dict__
+    assert ctx.attn_metadata == {"l0": "whole"}  # the step's context is left as it was
+
+
+def test_dataclasses_with_non_init_fields_go_through_replace() -> None:
+    """A non-init field is reset by ``dataclasses.replace``; the copy must not keep it."""
+    from overlap.integrations.vllm.metadata import _replacer
+
+    @dataclasses.dataclass
+    class Ctx:
+        value: int
+        derived: int = dataclasses.field(init=False, default=0)
+
+    ctx = Ctx(1)
+    ctx.derived = 5
+    new = _replacer(ctx)({"value": 2})
+    assert (new.value, new.derived) == (2, 0) == (dataclasses.replace(ctx, value=2).value, 0)
+
+
+@pytest.mark.vllm
+def test_layers_sharing_a_slot_mapping_share_its_slice() -> None:
+    """Per microbatch, layers whose slot mapping is one tensor get one slice of it; a layer
+    with its own tensor gets its own slice; every slice holds that microbatch's rows."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("vllm")
+    from vllm.forward_context import ForwardContext
+
+    from overlap.integrations.vllm.metadata import microbatch_contexts
+
+    shared, own = torch.arange(24), torch.arange(100, 124)
+    whole = object()
+    ctx = ForwardContext(no_compile_layers={}, attn_metadata={"l0": whole, "l1": whole},
+                         slot_mapping={"l0": shared, "l1": shared, "l2": own})
+    planned = split(Batch.of([(8, 0)] * 3), 2, min_tokens=1)  # rows 0..16 | 16..24
+    subs = {id(whole): ["mb0", "mb1"]}
+    contexts = microbatch_contexts(ctx, planned, subs, None)
+    for m, (c, micro) in enumerate(zip(contexts, planned.micro)):
+        a, b = micro.token_start, micro.token_end
+        assert c.attn_metadata == {"l0": f"mb{m}", "l1": f"mb{m}"}
+        assert c.slot_mapping["l0"] is c.slot_mapping["l1"]
+        assert torch.equal(c.slot_mapping["l0"], shared[a:b])
+        assert torch.equal(c.slot_mapping["l2"], own[a:b])
