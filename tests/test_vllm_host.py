@@ -87,11 +87,13 @@ def test_host_scopes_are_reused_and_switch_with_timing() -> None:
 def _executor_owner() -> SimpleNamespace:
     """What ``DeepseekOverlap._executor`` reads, for a 1-layer dense graph (no vLLM needed)."""
     graph = layer_graph(moe="dense", tp=1, ep=1, shared=False)
-    return SimpleNamespace(
+    owner = SimpleNamespace(
         _bucket=(None, ()), record=False, _trace=None, config=OverlapConfig(strategy="vllm_dbo"),
         _executors=OrderedDict(), _layers=(graph,), _templates={},
         _model_graph=ModelGraph("deepseek", [graph]), backend_name="inline", stats=Counter(),
         unsupported="")
+    owner._template = lambda key, planned: DeepseekOverlap._template(owner, key, planned)
+    return owner
 
 
 def test_executor_cache_never_serves_a_stale_bucket() -> None:

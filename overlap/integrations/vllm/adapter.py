@@ -225,14 +225,9 @@ class DeepseekOverlap:
         key = shape_bucket(planned)
         why = self._kv_checked.get(key)
         if why is None:
-            if self._layers is None:
-                self.unsupported = self._bind_layers()
-                if self.unsupported:
-                    return self.unsupported
-            plan = self._templates.get(key)
-            if plan is None:  # the one _executor would build for this bucket
-                plan = self._templates[key] = build_plan(self.config.strategy,
-                                                         self._model_graph, planned)
+            plan = self._template(key, planned)  # the one _executor will run for this bucket
+            if plan is None:
+                return self.unsupported
             gaps = unordered_kv_reads(plan, cut_flags(planned))
             why = self._kv_checked[key] = (
                 f"the {plan.strategy} plan does not order a cut request's KV cache: {gaps[0]}"
@@ -366,16 +361,10 @@ class DeepseekOverlap:
         if executor is not None:
             self._executors.move_to_end(key)
             return executor
-        if self._layers is None:
-            self.unsupported = self._bind_layers()
-            if self.unsupported:
-                return None
-        template = (key[0], key[2]) if auto else key[0]  # recording needs no other plan
-        plan = self._templates.get(template)
+        # Recording needs no other plan: the template key leaves it out.
+        plan = self._template((key[0], key[2]) if auto else key[0], planned)
         if plan is None:
-            plan = (self.auto.plan(self.decision, planned) if auto else
-                    build_plan(self.config.strategy, self._model_graph, planned))
-            self._templates[template] = plan
+            return None
         if len(self._executors) >= MAX_CACHED_EXECUTORS:
             _, old = self._executors.popitem(last=False)
             old.close()
@@ -387,6 +376,20 @@ class DeepseekOverlap:
         self._executors[key] = executor
         self.stats["executors_built"] += 1
         return executor
+
+    def _template(self, key: Any, planned: Split) -> Plan | None:
+        """The plan of bucket ``key`` (built from ``planned`` on first use, shared by the
+        bucket's executors), or None when the layers cannot be bound (``unsupported`` says why)."""
+        if self._layers is None:
+            self.unsupported = self._bind_layers()
+            if self.unsupported:
+                return None
+        plan = self._templates.get(key)
+        if plan is None:
+            plan = (self.auto.plan(self.decision, planned) if self.config.strategy == "auto"
+                    else build_plan(self.config.strategy, self._model_graph, planned))
+            self._templates[key] = plan
+        return plan
 
     def _bind_layers(self) -> str:
         """Bind every decoder layer's graph; returns why it cannot ("" when it can)."""
