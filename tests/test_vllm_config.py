@@ -329,7 +329,7 @@ def fake_ubatch_utils(monkeypatch: pytest.MonkeyPatch):
     """The common-metadata cut, faked: each microbatch's 'common metadata' is its token slice."""
     from overlap.integrations.vllm import metadata
 
-    monkeypatch.setattr(metadata, "slice_common", lambda common, split: [
+    monkeypatch.setattr(metadata, "slice_common", lambda common, split, views=None: [
         (common, slice(m.token_start, m.token_end)) for m in split.micro])
 
 

@@ -172,3 +172,57 @@ def test_layers_sharing_a_slot_mapping_share_its_slice() -> None:
         assert c.slot_mapping["l0"] is c.slot_mapping["l1"]
         assert torch.equal(c.slot_mapping["l0"], shared[a:b])
         assert torch.equal(c.slot_mapping["l2"], own[a:b])
+
+
+def test_timing_on_and_off_between_steps_swaps_the_scopes_ops_run_in() -> None:
+    """The inline executor's compiled closures enter the adapter's host scopes through one
+    stable lookup; turning timing on and off between steps must swap the scopes they enter.
+    Timed, each op's time is taken off the host time (a 3 ms op leaves well under 3 ms of
+    dispatch); untimed, ops still see their microbatch, and the timer records nothing."""
+    import time
+
+    torch = pytest.importorskip("torch")
+    from overlap.backends import Executor
+    from overlap.plan import build_plan
+
+    graph = layer_graph(moe="dense", tp=1, ep=1, shared=False)
+    seen: list[int] = []
+    a = DeepseekOverlap.__new__(DeepseekOverlap)
+
+    def attn(hidden, residual):
+        seen.append(a._local.micro)
+        time.sleep(0.003)
+        return hidden, hidden
+
+    bound = graph.bind({"attn": attn, "post_norm": lambda h, r: (h, r), "mlp": lambda x: x})
+    planned = split(Batch.of([(4, 0)] * 4), 2, min_tokens=1)
+    executor = Executor(build_plan("vllm_dbo", ModelGraph("deepseek", [graph]), planned), "inline")
+    a.model = SimpleNamespace(embed_input_ids=lambda ids: ids.float()[:, None].repeat(1, 4),
+                              norm=lambda h, r: (h, r))
+    a.host, a.timer, a._layers, a.stats, a._step = timing.HostTimer(), None, (bound,), Counter(), None
+    a._local, a._scope_sets = threading.local(), {False: [], True: []}
+    a._host_scopes, a._host_timed = [], None
+    a._host_context = a._host_scopes.__getitem__
+    from overlap.integrations.vllm.metadata import StepViews
+
+    a._views = StepViews()
+    ids, positions = torch.arange(16), torch.arange(16)
+
+    def step(timed: bool) -> None:
+        a.timer = a.host if timed else None
+        if timed:
+            a.host.start()
+        contexts = [SimpleNamespace(moe_layer_index=0) for _ in range(2)]
+        ctx = SimpleNamespace(attn_metadata={}, moe_layer_index=0)
+        out = a._run(ctx, planned, executor, contexts, [[], []], ids, positions, None)
+        assert torch.equal(out, ids.float()[:, None].repeat(1, 4))
+        if timed:
+            a.host.done()
+
+    for timed in (False, True, False, True):
+        seen.clear()
+        step(timed)
+        assert sorted(seen) == [0, 1]
+    assert a.host.steps == 2
+    assert all(ms < 3.0 for ms in a.host.wall_ms["dispatch"]), a.host.wall_ms["dispatch"]
+    executor.close()

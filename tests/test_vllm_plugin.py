@@ -372,8 +372,8 @@ def _install_checks() -> None:
     logging.getLogger("vllm.overlap").addHandler(_LogCapture())
     original = md.build_microbatch_metadata
 
-    def checked(pending: Any, split: Any, builders: list[Any]) -> list[Any]:
-        subs = original(pending, split, builders)
+    def checked(pending: Any, split: Any, builders: list[Any], views: Any = None) -> list[Any]:
+        subs = original(pending, split, builders, views)
         if type(pending.builder).__name__ == "AMXMLAMetadataBuilder":
             try:
                 _compare_amx(pending, split, subs)
@@ -812,3 +812,93 @@ def test_common_metadata_cut_equals_vllms_split_attn_metadata(batch: Any, n: int
                     field.name)
             else:
                 assert x == y, field.name
+
+
+def _step_common(torch: Any, requests: list[tuple[int, int]], buffers: dict[str, Any],
+                 step: int) -> Any:
+    """A step's common metadata as vLLM's runner makes it: fresh views of persistent
+    ``buffers``, whose contents are this ``step``'s (written in place)."""
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    n, query = len(requests), [q for q, _ in requests]
+    tokens = sum(query)
+    buffers["starts"][: n + 1] = torch.tensor([0, *itertools.accumulate(query)])
+    buffers["seq"][:n] = torch.tensor([q + c + step for q, c in requests])
+    buffers["blocks"][:n] = torch.arange(n * 3).view(-1, 3) + 100 * step
+    buffers["slots"][:tokens] = torch.arange(tokens) + 1000 * step
+    seq = buffers["seq"][:n]
+    return CommonAttentionMetadata(
+        query_start_loc=buffers["starts"][: n + 1], query_start_loc_cpu=buffers["starts"][: n + 1],
+        seq_lens=buffers["seq"][:n], num_reqs=n, num_actual_tokens=tokens,
+        max_query_len=max(query), max_seq_len=int(seq.max()),
+        block_table_tensor=buffers["blocks"][:n], slot_mapping=buffers["slots"][:tokens],
+        seq_lens_cpu_upper_bound=buffers["seq"][:n])
+
+
+@pytest.mark.vllm
+@settings(max_examples=40, deadline=None)
+@given(batches(), st.integers(2, 3), st.booleans())
+def test_kept_microbatch_views_read_every_steps_buffers(batch: Any, n: int,
+                                                        split_requests: bool) -> None:
+    """The adapter keeps each split's microbatch views of the step's persistent buffers
+    (``StepViews``). Over steps that rewrite those buffers, then steps on new buffers, with the
+    same Split object, the kept cut equals vLLM's ``split_attn_metadata`` of each step; a kept
+    view of old memory (or of old contents, for a cut request's lengths) would not."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("vllm")
+    from vllm.v1.worker.ubatch_utils import split_attn_metadata
+
+    from overlap.integrations.vllm.metadata import StepViews, slice_common, ubatch_slices
+    from overlap.plan import split
+
+    planned = split(batch, n, min_tokens=1, split_requests=split_requests)
+    assume(planned.n == n)
+    requests = [(r.query_len, r.context_len) for r in batch.requests]
+    tokens = sum(q for q, _ in requests)
+
+    def new_buffers() -> dict[str, Any]:  # room to spare, as vLLM's are sized for the most
+        r = len(requests) + 4
+        return {"starts": torch.zeros(r + 1, dtype=torch.int32),
+                "seq": torch.zeros(r, dtype=torch.int32),
+                "blocks": torch.zeros((r, 3), dtype=torch.int32),
+                "slots": torch.zeros(tokens + 8, dtype=torch.int64)}
+
+    views, buffers = StepViews(), new_buffers()
+    for step in range(4):
+        if step == 2:
+            buffers = new_buffers()  # vLLM re-allocated: the kept views are of the old memory
+        common = _step_common(torch, requests, buffers, step)
+        theirs = split_attn_metadata(ubatch_slices(planned), common)
+        mine = slice_common(common, planned, views)
+        for a, b in zip(mine, theirs, strict=True):
+            for field in dataclasses.fields(b):
+                x, y = getattr(a, field.name), getattr(b, field.name)
+                if isinstance(y, torch.Tensor):
+                    assert torch.equal(x, y), (step, field.name)
+                else:
+                    assert x == y, (step, field.name)
+
+
+def test_step_views_are_remade_for_other_memory_or_another_split() -> None:
+    """``StepViews.get`` returns the kept value only for the same Split object and tensors
+    over the same memory (pointer, shape, strides, dtype); anything else makes it again."""
+    torch = pytest.importorskip("torch")
+    from overlap.integrations.vllm.metadata import StepViews
+    from overlap.plan import Batch, split
+
+    planned = split(Batch.of([(4, 0), (4, 0)]), 2, min_tokens=1)
+    again = split(Batch.of([(4, 0), (4, 0)]), 2, min_tokens=1)  # equal, another object
+    buffer = torch.arange(16)
+    views, made = StepViews(), []
+
+    def get(split_: Any, t: Any) -> Any:
+        return views.get(split_, "x", (t,), lambda: made.append(1) or [t[0:4], t[4:8]])
+
+    first = get(planned, buffer[:8])
+    assert get(planned, buffer[:8]) is first and len(made) == 1  # a new view, same memory
+    assert again == planned
+    for other in (buffer[1:9], buffer[:9], buffer[:16:2], buffer[:8].to(torch.int32),
+                  torch.arange(8)):
+        assert get(planned, other) is not first
+    assert get(again, buffer[:8]) is not first
+    assert len(made) == 7

@@ -27,6 +27,7 @@ import importlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
+from operator import itemgetter
 from typing import Any, Protocol, runtime_checkable
 
 from overlap.backends.timeline import Span, Timeline
@@ -69,8 +70,9 @@ class Backend(Protocol):
     stream (device backends use it to keep the memory alive for that stream); a true
     ``implicit_waits`` attribute says the backend orders streams by data dependencies only (graph
     capture), and the executor then refuses plans that need more; a true ``immediate`` attribute
-    says ``submit`` runs the work before it returns and ``record``/``wait``/``host_wait`` do
-    nothing (``inline``), so the executor calls the steps itself; ``timing_event(handle)`` returns
+    says ``submit`` runs the work on the calling thread before it returns and ``record``/``wait``/
+    ``host_wait`` do nothing (``inline``), so the executor calls the steps itself (and a caller's
+    ``context`` may count on the calling thread); ``timing_event(handle)`` returns
     a timing event recorded on the stream and ``elapsed_s(a, b)`` the seconds from event ``a`` to
     ``b`` (device backends: the executor then times steps with them instead of the host clock).
     """
@@ -249,6 +251,7 @@ class Executor:
         self._kinds = [plan.model.layers[s.layer][s.op].kind.value for s in plan.steps]
         self._submitted = 0
         self._program = _Program(plan)
+        self._input_names = frozenset(plan.model.layers[0].inputs)
         self._handles = [self.backend.make_stream(s) for s in plan.streams]
         self._env: list[Any] = [MISSING] * self._program.n_slots
         self._countdowns: list[list[None]] = [[] for _ in self._program.countdowns]
@@ -350,9 +353,9 @@ class Executor:
 
     def _load(self, inputs: Mapping[str, Any], take: Callable[[Any, int, int], Any]) -> None:
         names = self.plan.model.layers[0].inputs
-        missing = [n for n in names if n not in inputs]
-        unknown = [n for n in inputs if n not in names]
-        if missing or unknown:
+        if inputs.keys() != self._input_names:
+            missing = [n for n in names if n not in inputs]
+            unknown = [n for n in inputs if n not in names]
             raise ConfigError(f"executor inputs must be exactly layer 0's graph inputs "
                               f"({', '.join(names)}); missing: {missing}, unknown: {unknown}")
         env = self._env
@@ -428,27 +431,31 @@ class Executor:
         cross = p.cross[i] if use is not None else ()
         single = len(writes) == 1
         out0 = writes[0] if writes else -1
+        # One C call reads the arguments: a tuple of them, or the value itself when one.
+        get = itemgetter(*reads) if reads else (lambda env: ())
+        many = len(reads) != 1
 
-        def fail(args: list[Any]) -> ExecutionError:
+        def fail(args: tuple[Any, ...]) -> ExecutionError:
             slot = reads[next(k for k, a in enumerate(args) if a is MISSING)]
             return ExecutionError(layer, micro, name, PlanError(
                 f"value {p.names[slot]} was read before it was written or after it was freed: "
                 "the plan is missing a wait"))
 
         def call() -> None:
-            args = [env[s] for s in reads]
-            for a in args:
+            args = get(env) if many else (get(env),)
+            for a in args:  # by identity: ``in`` would compare tensors by value
                 if a is MISSING:
                     raise fail(args)
             for k in cross:
                 use(handle, args[k])
             for s in frees:
                 env[s] = MISSING
-            for s, c in shared:
-                left = countdowns[c]
-                left.pop()
-                if not left:
-                    env[s] = MISSING
+            if shared:
+                for s, c in shared:
+                    left = countdowns[c]
+                    left.pop()
+                    if not left:
+                        env[s] = MISSING
             try:
                 if context is None:
                     result = fn(*args)

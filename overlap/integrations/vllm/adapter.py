@@ -105,14 +105,19 @@ class DeepseekOverlap:
         self.host = HostTimer()  # per planned step: the adapter's own host time, by section
         self.timer: HostTimer | None = None  # ``host`` while timing (``control``), else None
         self._builders = md_utils.BuilderPool()
+        self._views = md_utils.StepViews()  # microbatch slices of the step's buffers, reused
         self._splits: dict[tuple[int, ...], tuple[Split | None, str]] = {}
         self._logged: set[str] = set()
         self._local = threading.local()
         self._step: _Step | None = None
         self._host_thread = threading.get_ident()
-        self._context = self._scope  # one object, so executors reuse their compiled closures
+        # The executor's ``context``: one object each, so executors reuse their compiled
+        # closures. On a backend that runs every op on the calling thread (``immediate``) the
+        # scope is a list lookup; on others ``_scope`` also checks the thread.
         self._scope_sets: dict[bool, list[Any]] = {False: [], True: []}  # untimed, timed
-        self._host_scopes: list[Any] = []  # the running step's set
+        self._host_scopes: list[Any] = []  # the running step's set, filled in place
+        self._host_timed: bool | None = None  # which set it holds
+        self._host_context = self._host_scopes.__getitem__
         self._count_keys: dict[tuple[str, int], str] = {}
         self._layers: tuple[Graph, ...] | None = None
         self._model_graph: ModelGraph | None = None
@@ -267,7 +272,8 @@ class DeepseekOverlap:
         for key, pending in pendings.items():
             builders = self._builders.get(pending.builder, planned.n)
             try:
-                subs[key] = md_utils.build_microbatch_metadata(pending, planned, builders)
+                subs[key] = md_utils.build_microbatch_metadata(pending, planned, builders,
+                                                                self._views)
             except md_utils.CutError as exc:
                 self._stop_cutting(str(exc))
                 raise
@@ -275,7 +281,7 @@ class DeepseekOverlap:
         if timer is not None:
             timer.lap("metadata")
         dp_md = self._dp_metadata(ctx, planned) if ctx.dp_metadata is not None else None
-        contexts = md_utils.microbatch_contexts(ctx, planned, subs, dp_md)
+        contexts = md_utils.microbatch_contexts(ctx, planned, subs, dp_md, self._views)
         prefill = [[s[m] for s in subs.values() if getattr(s[m], "prefill", None) is not None]
                    for m in range(planned.n)]
         if timer is not None:
@@ -286,9 +292,14 @@ class DeepseekOverlap:
              prefill: list[list[Any]], input_ids: Any, positions: Any, inputs_embeds: Any) -> Any:
         model, timer = self.model, self.timer
         bounds = [(m.token_start, m.token_end) for m in planned.micro]
-        self._step = _Step(contexts, [positions[a:b] for a, b in bounds], prefill)
+        self._step = _Step(contexts, self._views.get(
+            planned, "positions", (positions,), lambda: [positions[a:b] for a, b in bounds]),
+            prefill)
         self._host_thread = threading.get_ident()
-        self._host_scopes = self._scopes(planned.n, timer is not None)
+        timed = timer is not None
+        if self._host_timed is not timed or len(self._host_scopes) < planned.n:
+            self._host_scopes[:] = self._scopes(planned.n, timed)
+            self._host_timed = timed
         # The executor's plan keeps the split it was built for (its bucket's first); map each
         # of its microbatch row ranges to this step's.
         rows = {(m.token_start, m.token_end): bound
@@ -306,7 +317,8 @@ class DeepseekOverlap:
             timer.op_done(clock)
         try:  # no residual before layer 0, as in the stock forward (its attn op ignores it)
             out = executor.run({INPUTS[0]: hidden, INPUTS[1]: None}, layers=self._layers,
-                               take=take, context=self._context)
+                               take=take, context=self._host_context
+                               if getattr(executor.backend, "immediate", False) else self._scope)
             if executor.timeline is not None:
                 self._recorded(executor.timeline)
         finally:

@@ -136,14 +136,66 @@ def clone_builder(builder: Any) -> Any:
                          f"{type(exc).__name__}: {exc}") from exc
 
 
-def slice_common(common: Any, split: Split) -> list[Any]:
+class StepViews:
+    """Per-microbatch views of a step's persistent buffers, made once per split and memory.
+
+    vLLM hands every step new view objects of the same persistent buffers (query offsets,
+    sequence lengths, block table, slot mapping, positions), and each slice of one costs a few
+    microseconds of host time. ``get(split, what, tensors, make)`` returns what ``make()`` made
+    when last asked for ``what`` with this Split object and tensors over the same memory (data
+    pointer, shape, strides, dtype, device), else calls ``make()`` and keeps its result.
+
+    Sound because an entry holds the views it made, so their storage stays allocated and no
+    other tensor can take its address: an equal key is the same memory, and a view of it reads
+    this step's contents. What ``make`` *computes* (not views) may be kept only when the split
+    fixes it, as it fixes the query offsets (a Split is made from the step's query lengths).
+    """
+
+    def __init__(self, capacity: int = 64) -> None:
+        self._entries: dict[tuple[int, str], tuple[Split, tuple, Any]] = {}
+        self._capacity = capacity
+
+    def get(self, split: Split, what: str, tensors: tuple[Any, ...], make: Callable[[], Any]
+            ) -> Any:
+        memory = tuple(None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype,
+                                               t.device) for t in tensors)
+        key = (id(split), what)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] is split and entry[1] == memory:
+            return entry[2]
+        value = make()
+        if len(self._entries) >= self._capacity:
+            self._entries.clear()
+        self._entries[key] = (split, memory, value)  # the split kept: its id is not reused
+        return value
+
+
+@attrs.frozen
+class _Cut:
+    """One microbatch's part of the step's common metadata that its split and buffers fix."""
+
+    first: int  # its requests [first, last)
+    last: int
+    tokens: int
+    tail: int  # tokens of its last request left to the next microbatch (a cut)
+    query_len: int
+    loc: Any
+    loc_cpu: Any
+    seq: Any  # views: with a tail, copied and shortened per step (the lengths change)
+    seq_upper: Any
+    block_table: Any
+    slot_mapping: Any
+
+
+def slice_common(common: Any, split: Split, views: StepViews | None = None) -> list[Any]:
     """Each microbatch's ``CommonAttentionMetadata``: the step's, cut at the split's token
     boundaries, which may fall inside a request.
 
     The same fields and values as vLLM's ``split_attn_metadata`` (tested against it), with
     fewer tensor operations: the request offsets come from one host list, and the per-request
     tensors (and the first microbatch's offsets) are views unless a cut changes them; nothing
-    here writes to the step's tensors. A request cut in two appears in both
+    here writes to the step's tensors. With ``views``, the views and offsets are made once per
+    split and buffer (:class:`StepViews`). A request cut in two appears in both
     microbatches: the first piece as a shorter request (its query and ``seq_lens`` end at the
     cut), the second with its query starting at the cut and the request's full ``seq_lens``, so
     its context is the first piece's tokens plus what was cached before; its attention reads
@@ -152,54 +204,73 @@ def slice_common(common: Any, split: Split) -> list[Any]:
     """
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
+    upper = common.seq_lens_cpu_upper_bound
+    if views is None:
+        cuts = _cuts(common, split)
+    else:
+        cuts = views.get(split, "common", (
+            common.query_start_loc, common.query_start_loc_cpu, common.seq_lens, upper,
+            common.block_table_tensor, common.slot_mapping), lambda: _cuts(common, split))
+    upper_list = upper.tolist() if upper is not None else None
+    out = []
+    for c in cuts:
+        seq, seq_upper, max_seq = c.seq, c.seq_upper, common.max_seq_len
+        if c.tail:  # the first piece of a cut request: its sequence ends at the cut
+            seq = seq.clone()
+            seq[-1] -= c.tail
+            if seq_upper is not None:
+                seq_upper = seq_upper.clone()
+                seq_upper[-1] -= c.tail
+        if upper_list is not None:
+            ups = upper_list[c.first:c.last]
+            max_seq = max(max_seq, *ups[:-1], ups[-1] - c.tail)
+        out.append(CommonAttentionMetadata(
+            query_start_loc=c.loc, query_start_loc_cpu=c.loc_cpu,
+            seq_lens=seq, num_reqs=c.last - c.first, num_actual_tokens=c.tokens,
+            max_query_len=c.query_len or common.max_query_len, max_seq_len=max_seq,
+            block_table_tensor=c.block_table, slot_mapping=c.slot_mapping,
+            seq_lens_cpu_upper_bound=seq_upper))
+    return out
+
+
+def _cuts(common: Any, split: Split) -> list[_Cut]:
     starts_cpu = common.query_start_loc_cpu
     starts = starts_cpu[: common.num_reqs + 1].tolist()
     upper = common.seq_lens_cpu_upper_bound
-    upper_list = upper[: common.num_reqs].tolist() if upper is not None else None
     out = []
     for micro in split.micro:
         first, last = micro.pieces[0].request, micro.pieces[-1].request + 1
         a, b = micro.token_start, micro.token_end
         head, tail = a - starts[first], starts[last] - b  # tokens cut off either end
         local = [min(max(x, a), b) - a for x in starts[first:last + 1]]
-        query_len = max(y - x for x, y in zip(local, local[1:]))
         loc = common.query_start_loc[first:last + 1]
         if a:  # the first microbatch's offsets already start at 0: its view serves
             loc = loc - a
         if head or tail:
             loc = loc.clamp(0, b - a) if not a else loc.clamp_(0, b - a)
-        seq = common.seq_lens[first:last]
-        seq_upper = upper[first:last] if upper is not None else None
-        max_seq = common.max_seq_len
-        if tail:  # the first piece of a cut request: its sequence ends at the cut
-            seq = seq.clone()
-            seq[-1] -= tail
-            if seq_upper is not None:
-                seq_upper = seq_upper.clone()
-                seq_upper[-1] -= tail
-        if upper_list is not None:
-            ups = upper_list[first:last]
-            max_seq = max(max_seq, *ups[:-1], ups[-1] - tail)
         # Likewise its host offsets, when no cut changes them.
         loc_cpu = starts_cpu[first:last + 1] if not a and not tail else starts_cpu.new_tensor(local)
-        out.append(CommonAttentionMetadata(
-            query_start_loc=loc, query_start_loc_cpu=loc_cpu,
-            seq_lens=seq, num_reqs=last - first, num_actual_tokens=b - a,
-            max_query_len=query_len or common.max_query_len, max_seq_len=max_seq,
-            block_table_tensor=common.block_table_tensor[first:last],
-            slot_mapping=common.slot_mapping[a:b], seq_lens_cpu_upper_bound=seq_upper))
+        out.append(_Cut(
+            first=first, last=last, tokens=b - a, tail=tail,
+            query_len=max(y - x for x, y in zip(local, local[1:])), loc=loc, loc_cpu=loc_cpu,
+            seq=common.seq_lens[first:last],
+            seq_upper=upper[first:last] if upper is not None else None,
+            block_table=common.block_table_tensor[first:last],
+            slot_mapping=common.slot_mapping[a:b]))
     return out
 
 
-def build_microbatch_metadata(pending: Pending, split: Split, builders: list[Any]) -> list[Any]:
-    """One attention metadata object per microbatch, built by its own builder's ``build``.
+def build_microbatch_metadata(pending: Pending, split: Split, builders: list[Any],
+                              views: StepViews | None = None) -> list[Any]:
+    """One attention metadata object per microbatch, built by its own builder's ``build``
+    (``views``: see :func:`slice_common`).
 
     ``type(builder).build`` is the most-derived build, whatever subclass the platform chose.
     Raises :class:`SplitError` (with the builder's error) when a build fails.
     """
     name = type(pending.builder).__name__
     try:
-        commons = slice_common(pending.common, split)
+        commons = slice_common(pending.common, split, views)
         with _rebuild_guard():
             built = [type(b).build(b, pending.common_prefix_len, c, pending.fast_build)
                      for b, c in zip(builders, commons)]
@@ -240,29 +311,41 @@ def bind_prefill(metadata: Any) -> None:
 
 
 def microbatch_contexts(ctx: Any, split: Split, subs: dict[int, list[Any]],
-                        dp_metadata: list[Any] | None) -> list[Any]:
+                        dp_metadata: list[Any] | None, views: StepViews | None = None
+                        ) -> list[Any]:
     """A forward context per microbatch: its attention metadata and slot-mapping slice.
 
     ``subs`` maps ``id(step metadata)`` to that metadata's per-microbatch objects. Layers that
-    share one slot-mapping tensor (one KV-cache group) share its slice too.
+    share one slot-mapping tensor (one KV-cache group) share its slice too. ``views``: the
+    slices are made once per split and buffer (:class:`StepViews`).
     """
     replaced = _replacer(ctx)
+    names = list(ctx.slot_mapping)
+    tensors = (*ctx.slot_mapping.values(), ctx.is_padding)
+
+    def make() -> list[tuple[dict[str, Any], Any]]:
+        per_micro = []
+        for micro in split.micro:
+            a, b = micro.token_start, micro.token_end
+            cut: dict[int, Any] = {}
+            slots = {}
+            for name, sm in zip(names, tensors):
+                piece = cut.get(id(sm))
+                if piece is None:
+                    piece = cut[id(sm)] = sm[a:b]
+                slots[name] = piece
+            per_micro.append((slots, tensors[-1][a:b] if tensors[-1] is not None else None))
+        return per_micro
+
+    sliced = make() if views is None else views.get(split, "slot_mapping", tensors, make)
     out = []
-    for m, micro in enumerate(split.micro):
-        a, b = micro.token_start, micro.token_end
-        cut: dict[int, Any] = {}
-        slots = {}
-        for name, sm in ctx.slot_mapping.items():
-            piece = cut.get(id(sm))
-            if piece is None:
-                piece = cut[id(sm)] = sm[a:b]
-            slots[name] = piece
+    for m, (slots, padding) in enumerate(sliced):
         changes: dict[str, Any] = {
             "attn_metadata": {name: subs[id(md)][m] for name, md in ctx.attn_metadata.items()},
-            "slot_mapping": slots,
+            "slot_mapping": dict(slots),  # the context's own dict: vLLM's is per step too
         }
-        if ctx.is_padding is not None:
-            changes["is_padding"] = ctx.is_padding[a:b]
+        if padding is not None:
+            changes["is_padding"] = padding
         if dp_metadata is not None:
             changes["dp_metadata"] = dp_metadata[m]
         out.append(replaced(changes))
@@ -278,11 +361,13 @@ def _replacer(ctx: Any) -> Callable[[dict[str, Any]], Any]:
     with non-init fields (which ``replace`` resets) or slots goes through ``replace``.
     """
     cls = type(ctx)
-    fields = dataclasses.fields(cls)
-    if not all(f.init for f in fields) or not hasattr(ctx, "__dict__"):
+    names = _FIELDS.get(cls, ())
+    if names == ():
+        fields = dataclasses.fields(cls)
+        names = _FIELDS[cls] = [f.name for f in fields] if all(f.init for f in fields) else None
+    if names is None or not hasattr(ctx, "__dict__"):
         return lambda changes: dataclasses.replace(ctx, **changes)
     values = ctx.__dict__
-    names = [f.name for f in fields]
 
     def replaced(changes: dict[str, Any]) -> Any:
         new = object.__new__(cls)
@@ -291,3 +376,6 @@ def _replacer(ctx: Any) -> Callable[[dict[str, Any]], Any]:
         return new
 
     return replaced
+
+
+_FIELDS: dict[type, list[str] | None] = {}  # per context class: its fields, None: use replace
