@@ -165,6 +165,44 @@ def test_a_value_is_freed_after_its_last_reader() -> None:
     assert seen["alive_at_third"] is False
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_value_its_last_reader_consumed_is_released_inside_that_readers_context(
+        backend: str) -> None:
+    """A value whose last reader is an op is released before that op's ``context`` exits (the
+    op's work, as when a module drops what it consumed), not after it; one read later is not."""
+
+    class Box(list):
+        pass
+
+    refs: dict[str, weakref.ref] = {}
+    alive_at_exit: dict[str, bool] = {}
+
+    def first(x):
+        box = Box(x)
+        refs["a"] = weakref.ref(box)
+        return box
+
+    class Context:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def __call__(self, m):
+            return self
+
+        def __enter__(self) -> None:
+            self.calls += 1
+
+        def __exit__(self, *exc) -> None:
+            if self.calls == 2:  # second's call: it read "a" last
+                alive_at_exit["a"] = refs["a"]() is not None
+
+    model = chain_model({"first": first, "second": lambda a: list(a), "third": list})
+    plan = build_plan("sequential", model, split(Batch.prefill(4, 1), 1))
+    with Executor(plan, backend) as ex:
+        assert ex.run({"x": [1, 2, 3, 4]}, context=Context()) == {"c": [1, 2, 3, 4]}
+    assert alive_at_exit == {"a": False}
+
+
 def test_an_op_without_a_callable_is_refused_before_anything_runs() -> None:
     """Running a plan whose ops are unbound names them and runs nothing."""
     calls = []

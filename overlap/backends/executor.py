@@ -462,6 +462,9 @@ class Executor:
                 else:
                     with context(micro):
                         result = fn(*args)
+                        # Inputs freed above are released here, inside the op's context, as a
+                        # module releases what it consumed: their deallocation is the op's work.
+                        a = args = None
             except Exception as exc:
                 raise ExecutionError(layer, micro, name, exc) from exc
             if single:
