@@ -15,7 +15,14 @@ Runs the engine in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) on the wo
 Warm re-runs are cheaper than the same code inside a step (caches are cold after the model's
 kernels), so the second table ranks the pieces; the first is the figure.
 
-    python benchmarks/vllm_host_profile.py [--repeats 2000] [--json out.json]
+A third table re-runs that decode step whole, ``--pairs`` times in each of three arms in
+rotating order: the stock forward, the planned forward, and the planned forward timing itself.
+Re-running a step is exact (it rewrites the same KV-cache slots; the forward context's MoE-layer
+counter is reset before each run). The paired differences say what a split step costs in all
+(planned - stock: the added host time *and* the ops run twice on half the rows) and what the
+timer itself costs (timed - planned), next to the timer's own figure for the same runs.
+
+    python benchmarks/vllm_host_profile.py [--repeats 2000] [--pairs 60] [--json out.json]
 """
 
 from __future__ import annotations
@@ -70,16 +77,22 @@ def pieces(adapter, ctx, positions, repeats: int) -> list[tuple[str, float, str]
          "cached split"),
         ("executor lookup (_executor)", warm_us(lambda: adapter._executor(planned), repeats),
          "cached bucket"),
-        ("metadata cut (slice_common)", warm_us(lambda: md.slice_common(pending.common, planned),
-                                                repeats), f"{planned.n} microbatches"),
+        ("metadata cut (slice_common), views made",
+         warm_us(lambda: md.slice_common(pending.common, planned), repeats),
+         f"{planned.n} microbatches"),
+        ("metadata cut (slice_common), views kept",
+         warm_us(lambda: md.slice_common(pending.common, planned, adapter._views), repeats),
+         "as the adapter runs it"),
         (f"vLLM {type(builder).__name__}.build, 1 microbatch",
          warm_us(lambda: type(builder).build(builder, pending.common_prefix_len, commons[0],
                                              pending.fast_build), repeats), "must stay"),
         ("metadata rebuild (cut + builds)",
-         warm_us(lambda: md.build_microbatch_metadata(pending, planned, builders), repeats),
+         warm_us(lambda: md.build_microbatch_metadata(pending, planned, builders,
+                                                      adapter._views), repeats),
          f"x{len(pendings)} step metadata"),
-        ("forward contexts", warm_us(lambda: md.microbatch_contexts(ctx, planned, subs, None),
-                                     repeats), ""),
+        ("forward contexts", warm_us(lambda: md.microbatch_contexts(ctx, planned, subs, None,
+                                                                    adapter._views), repeats),
+         ""),
         ("in-op: forward-context switch", warm_us(switch, repeats),
          f"x{switches} per step, not in the added time"),
         ("in-op: op counter", warm_us(lambda: adapter.count("attn"), repeats),
@@ -89,12 +102,41 @@ def pieces(adapter, ctx, positions, repeats: int) -> list[tuple[str, float, str]
     return rows
 
 
+def paired(adapter, stock, args: tuple, ctx, pairs: int) -> dict:
+    """One real step re-run in three arms, rotating their order: medians and paired deltas (ms)."""
+    arms: dict[str, list[float]] = {"stock": [], "planned": [], "planned, timed": []}
+    names = list(arms)
+    adapter.host.clear()
+    try:
+        for k in range(pairs):
+            for name in names[k % 3:] + names[:k % 3]:
+                ctx.moe_layer_index = 0  # what the step started with
+                adapter.timer = adapter.host if name == "planned, timed" else None
+                start = time.perf_counter()
+                if name == "stock":
+                    stock(*args)
+                else:
+                    adapter.forward(stock, *args)
+                arms[name].append((time.perf_counter() - start) * 1e3)
+    finally:
+        adapter.timer = None
+        ctx.moe_layer_index = 0
+    med = {name: statistics.median(v) for name, v in arms.items()}
+    return {"pairs": pairs, "median_ms": med,
+            "split_step_minus_stock_ms": statistics.median(
+                b - a for a, b in zip(arms["stock"], arms["planned"])),
+            "timer_cost_ms": statistics.median(
+                b - a for a, b in zip(arms["planned"], arms["planned, timed"])),
+            "timer_says_ms": statistics.median(adapter.host.totals())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2000)
+    parser.add_argument("--pairs", type=int, default=60, help="whole-step re-runs per arm")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker, and its adapter, in here
@@ -123,9 +165,14 @@ def main() -> None:
     rows: list[tuple[str, float, str]] = []
     wrapped = adapter.forward
 
+    whole: dict = {}
+
     def forward(stock, input_ids, positions, *rest):
         if not rows and positions.shape[0] == args.requests:  # one decode step, captured
-            rows.extend(pieces(adapter, get_forward_context(), positions, args.repeats))
+            ctx = get_forward_context()
+            rows.extend(pieces(adapter, ctx, positions, args.repeats))
+            adapter.forward = wrapped
+            whole.update(paired(adapter, stock, (input_ids, positions, *rest), ctx, args.pairs))
         return wrapped(stock, input_ids, positions, *rest)
 
     adapter.forward = forward
@@ -145,11 +192,19 @@ def main() -> None:
     width = max(len(r[0]) for r in rows)
     for name, us, note in rows:
         print(f"  {name:<{width}}  {us:8.2f} us  {note}")
+    print(f"that decode step re-run whole, {whole['pairs']} times per arm, rotating (median ms)")
+    for name, ms in whole["median_ms"].items():
+        print(f"  {name:<16}{ms:10.3f}")
+    print(f"  paired: planned - stock {whole['split_step_minus_stock_ms']:.3f} ms (host time and "
+          f"the ops run per microbatch); timed - planned {whole['timer_cost_ms']:.3f} ms (the "
+          f"timer's own cost); the timer's added host time for those runs "
+          f"{whole['timer_says_ms']:.3f} ms")
     if args.json:
         write_json(args.json, {"workload": vars(args) | {"json": str(args.json)},
                                "sections_ms": {k: statistics.median(v) for k, v in wall.items()},
                                "sections_cpu_ms": {k: statistics.median(v) for k, v in cpu.items()},
-                               "pieces_us": [{"piece": n, "us": u, "note": t} for n, u, t in rows]},
+                               "pieces_us": [{"piece": n, "us": u, "note": t} for n, u, t in rows],
+                               "whole_step": whole},
                    indent=1)
 
 
