@@ -226,3 +226,30 @@ def test_timing_on_and_off_between_steps_swaps_the_scopes_ops_run_in() -> None:
     assert a.host.steps == 2
     assert all(ms < 3.0 for ms in a.host.wall_ms["dispatch"]), a.host.wall_ms["dispatch"]
     executor.close()
+
+
+def test_threads_refuses_a_plan_with_compute_on_two_streams() -> None:
+    """Each stream is a thread on ``threads``, and the bound ops share per-layer state (vLLM's
+    forward context is one module global): a plan with compute ops on two streams is refused
+    there, with the reason, while ``inline`` runs it and ``threads`` runs one-compute-stream
+    plans."""
+    from tests.test_kv_order import _own_streams
+
+    planned = split(Batch.of([(8, 0)] * 4), 2, min_tokens=1)
+    for backend, own, refused in (("threads", True, True), ("inline", True, False),
+                                  ("threads", False, False)):
+        owner = _executor_owner()
+        owner.backend_name = backend
+        base = DeepseekOverlap._template(owner, shape_bucket(planned), planned)
+        owner._template = lambda key, p, base=base, own=own: _own_streams(base, 1) if own else base
+        executor = DeepseekOverlap._executor(owner, planned)
+        if refused:
+            assert executor is None
+            assert owner.unsupported == (
+                "on the 'threads' backend, the vllm_dbo plan runs compute ops on 2 streams "
+                "(compute, compute_mb1); they would run at once, and the ops share per-layer "
+                "state that is not per thread (vLLM's forward context is one module global): "
+                "use a plan with one compute stream or the 'inline' backend")
+        else:
+            assert executor is not None and owner.unsupported == ""
+            executor.close()

@@ -37,6 +37,7 @@ from overlap.integrations.vllm.config import OverlapConfig
 from overlap.integrations.vllm.graph import INPUTS, layer_graph
 from overlap.integrations.vllm.timing import HostTimer, TimedScope
 from overlap.ops_graph.graph import Graph, ModelGraph
+from overlap.ops_graph.op import OpKind
 from overlap.plan.batch import Batch
 from overlap.plan.deps import unordered_kv_reads
 from overlap.plan.plan import Plan
@@ -47,6 +48,7 @@ log = logging.getLogger("vllm.overlap")  # under vLLM's logger, so its handlers 
 MAX_CACHED_EXECUTORS = 8  # shape buckets kept ready (least recently used evicted)
 MIN_BUCKET = 16  # microbatches up to this many tokens share one bucket
 MAX_CACHED_SPLITS = 256  # distinct query-length tuples whose split is kept
+CONCURRENT_HOST_BACKENDS = ("threads",)  # each plan stream a host thread: see concurrent_compute
 
 
 def shape_bucket(planned: Split) -> tuple:
@@ -56,6 +58,26 @@ def shape_bucket(planned: Split) -> tuple:
     key = (planned.n, *(max(MIN_BUCKET, 1 << (c - 1).bit_length()) for c in planned.token_counts))
     flags = cut_flags(planned)
     return (*key, flags) if any(flags) else key
+
+
+def concurrent_compute(plan: Plan) -> str:
+    """Why ``plan`` cannot run where each stream is a host thread ("" when it can).
+
+    The bound ops of one layer share state that is not per thread: vLLM's forward context is
+    one module global (``override_forward_context``), and the deferred all-reduces and the MLA
+    prefill binding are attributes of the layer's modules. Compute ops on one stream run one at
+    a time, so any number of comm streams is fine; compute ops on two streams could run at once.
+    """
+    layers = plan.model.layers
+    streams = sorted({s.stream for s in plan.steps
+                      if layers[s.layer][s.op].kind is OpKind.COMPUTE})
+    if len(streams) <= 1:
+        return ""
+    names = ", ".join(plan.streams[i].name for i in streams)
+    return (f"the {plan.strategy} plan runs compute ops on {len(streams)} streams ({names}); "
+            "they would run at once, and the ops share per-layer state that is not per thread "
+            "(vLLM's forward context is one module global): use a plan with one compute stream "
+            "or the 'inline' backend")
 
 
 def cut_flags(planned: Split) -> tuple[bool, ...]:
@@ -377,6 +399,11 @@ class DeepseekOverlap:
         plan = self._template((key[0], key[2]) if auto else key[0], planned)
         if plan is None:
             return None
+        if self.backend_name in CONCURRENT_HOST_BACKENDS:
+            why = concurrent_compute(plan)
+            if why:
+                self.unsupported = f"on the {self.backend_name!r} backend, {why}"
+                return None
         if len(self._executors) >= MAX_CACHED_EXECUTORS:
             _, old = self._executors.popitem(last=False)
             old.close()
