@@ -433,3 +433,46 @@ def test_rebuilds_are_guarded_against_re_entry(fake_ubatch_utils) -> None:
         build_microbatch_metadata(Pending(Nested("s"), 0, "whole", False), _two_micro(),
                                   [Nested("s"), Nested("s")])
     assert seen == [True] and not rebuilding()
+
+
+@pytest.mark.parametrize(("local_fails", "peer_fails"), [(True, False), (False, True),
+                                                         (False, False)])
+def test_data_parallel_ranks_agree_to_run_a_step_stock_when_one_cannot_split(
+        fake_ubatch_utils, monkeypatch: pytest.MonkeyPatch, local_fails: bool,
+        peer_fails: bool) -> None:
+    """With data parallelism every rank votes after building its microbatch metadata, before
+    any collective of the step: one rank that cannot build makes every rank run the step stock
+    (a rank planning while another runs stock would pair mismatched collectives and hang)."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from overlap.integrations.vllm import metadata
+    from overlap.integrations.vllm.adapter import DeepseekOverlap
+    from overlap.integrations.vllm.metadata import BuilderPool, Pending, SplitError, StepViews
+
+    monkeypatch.setattr(metadata, "microbatch_contexts", lambda *args: ["ctx0", "ctx1"])
+
+    class Broken(_BaseBuilder):
+        def build(self, *args: object) -> dict:
+            raise KeyError("req_to_token")
+
+    votes: list[int] = []
+    gathered: list[bool] = []
+    a = DeepseekOverlap.__new__(DeepseekOverlap)
+    a.dp, a.timer, a._builders, a._views, a.stats = 2, None, BuilderPool(), StepViews(), Counter()
+    a._all_reduce_min = lambda n: votes.append(n) or (0 if peer_fails else n)
+    a._dp_metadata = lambda ctx, planned: gathered.append(True) or [None, None]
+    step_builder = (Broken if local_fails else _BaseBuilder)("spec")
+    ctx = SimpleNamespace(dp_metadata=object(), attn_metadata={}, slot_mapping={},
+                          is_padding=None)
+    pendings = {1: Pending(step_builder, 0, "whole", False)}
+    if local_fails or peer_fails:
+        with pytest.raises(SplitError) as info:
+            a._contexts(ctx, _two_micro(), pendings)
+        assert str(info.value).startswith("Broken could not build" if local_fails else
+                                          "another data-parallel rank could not build")
+        assert gathered == []  # no collective of the step was entered
+    else:
+        a._contexts(ctx, _two_micro(), pendings)
+        assert gathered == [True]
+    assert votes == [0 if local_fails else 1]

@@ -290,15 +290,25 @@ class DeepseekOverlap:
         """Per-microbatch forward contexts and prefill metadata; :class:`SplitError` if not."""
         if planned.n == 1:
             return [ctx], [[]]
-        subs = {}
-        for key, pending in pendings.items():
-            builders = self._builders.get(pending.builder, planned.n)
-            try:
+        subs, failed = {}, None
+        try:
+            for key, pending in pendings.items():
+                builders = self._builders.get(pending.builder, planned.n)
                 subs[key] = md_utils.build_microbatch_metadata(pending, planned, builders,
                                                                 self._views)
-            except md_utils.CutError as exc:
-                self._stop_cutting(str(exc))
-                raise
+        except md_utils.CutError as exc:
+            self._stop_cutting(str(exc))
+            failed = exc
+        except md_utils.SplitError as exc:
+            failed = exc
+        # Data-parallel ranks run the step's collectives (the DP metadata below, the MoE's per
+        # microbatch) together: all plan it, or all run it stock, else they would hang.
+        agreed = self.dp <= 1 or self._all_reduce_min(0 if failed is not None else 1)
+        if not agreed and failed is None:
+            failed = md_utils.SplitError("another data-parallel rank could not build its "
+                                         "microbatch metadata (every rank runs this step stock)")
+        if failed is not None:
+            raise failed
         timer = self.timer
         if timer is not None:
             timer.lap("metadata")
