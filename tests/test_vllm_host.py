@@ -253,3 +253,34 @@ def test_threads_refuses_a_plan_with_compute_on_two_streams() -> None:
         else:
             assert executor is not None and owner.unsupported == ""
             executor.close()
+
+
+def test_op_time_from_worker_threads_is_never_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On ``threads`` op calls end on several worker threads at once; each one's time must
+    reach the step (an unguarded ``+=`` loses some when threads switch between its read and
+    its write, which a tiny switch interval provokes)."""
+    import sys
+
+    timer = timing.HostTimer()
+    timer.start()
+    monkeypatch.setattr(timing, "perf_counter", lambda: 1.0)  # every op call lasted 1 s
+    calls, threads = 20000, 8
+
+    def work() -> None:
+        for _ in range(calls):
+            timer.op_done((0.0, 0.0))
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        workers = [threading.Thread(target=work) for _ in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(timeout=60)
+    finally:
+        sys.setswitchinterval(old)
+    monkeypatch.setattr(timing, "perf_counter", lambda: 1.0 + calls * threads)
+    timer._wall = 0.0
+    timer.lap("dispatch")  # elapsed = the op time exactly: nothing left for the section
+    assert timer._step["dispatch"][0] == pytest.approx(1.0)

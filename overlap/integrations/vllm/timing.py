@@ -24,7 +24,8 @@ SECTIONS = ("decide", "metadata", "contexts", "dispatch", "finish")
 class HostTimer:
     """Per planned step and section: wall and host-thread CPU milliseconds outside op calls."""
 
-    __slots__ = ("wall_ms", "cpu_ms", "_host", "_wall", "_cpu", "_op_wall", "_op_cpu", "_step")
+    __slots__ = ("wall_ms", "cpu_ms", "_host", "_wall", "_cpu", "_op_wall", "_op_cpu", "_step",
+                 "_lock", "_worker_wall")
 
     def __init__(self) -> None:
         self.wall_ms: dict[str, list[float]] = {s: [] for s in SECTIONS}
@@ -32,6 +33,10 @@ class HostTimer:
         self._host = threading.get_ident()
         self._wall = self._cpu = self._op_wall = self._op_cpu = 0.0
         self._step: dict[str, list[float]] = {}
+        # Op time is added by the host thread (``_op_wall``, lock-free: one writer) and by
+        # worker threads (``_worker_wall``, under the lock: several writers).
+        self._lock = threading.Lock()
+        self._worker_wall = 0.0
 
     def clear(self) -> None:
         """Forget every step timed so far."""
@@ -42,15 +47,17 @@ class HostTimer:
     def start(self) -> None:
         """A step begins (on the host thread): sections are timed from here."""
         self._host = threading.get_ident()
-        self._op_wall = self._op_cpu = 0.0
+        self._op_wall = self._op_cpu = self._worker_wall = 0.0
         self._step = {}
         self._wall, self._cpu = perf_counter(), thread_time()
 
     def lap(self, section: str) -> None:
         """The time since the last lap, less op time, belongs to ``section`` (adds up)."""
         wall, cpu = perf_counter(), thread_time()
+        with self._lock:
+            worker, self._worker_wall = self._worker_wall, 0.0
         got = self._step.setdefault(section, [0.0, 0.0])
-        got[0] += wall - self._wall - self._op_wall
+        got[0] += wall - self._wall - self._op_wall - worker
         got[1] += cpu - self._cpu - self._op_cpu
         self._op_wall = self._op_cpu = 0.0
         self._wall, self._cpu = wall, cpu
@@ -67,10 +74,14 @@ class HostTimer:
         return perf_counter(), thread_time()
 
     def op_done(self, clock: tuple[float, float]) -> None:
-        """Take the op call started at ``clock`` off the current section."""
-        self._op_wall += perf_counter() - clock[0]
+        """Take the op call started at ``clock`` off the current section (any thread)."""
+        wall = perf_counter() - clock[0]
         if threading.get_ident() == self._host:
+            self._op_wall += wall
             self._op_cpu += thread_time() - clock[1]
+        else:
+            with self._lock:
+                self._worker_wall += wall
 
     @property
     def steps(self) -> int:
