@@ -377,9 +377,10 @@ def token_flips(a: dict, ref: dict, tol: float) -> list[str]:
 # hidden state: 0.0, the kernels are batch-invariant here. 0.1 nats is about two bf16 ulps of
 # a logit near 8 (the LM head's output is bf16), 0.01 about two bf16 roundings of a hidden
 # state; they are for machines whose kernels round by batch shape (AMX, GPUs). There a real
-# router may still flip a token's experts, which moves that token far (below): the floor test
-# then fails first, saying the premise does not hold. The negative control measured 5.8 nats
-# and 0.37 (relative): > 30x.
+# router may still flip a token's experts, which moves that token far (below): the boundary-
+# split comparisons then skip with the measured floor (``batch_invariant``), since no tolerance
+# can tell a plan from rounding there, and the cut and controls still run. The negative control
+# measured 5.8 nats and 0.37 (relative): > 30x.
 # A cut is compared with vLLM's own chunked prefill of the same cut (350, then 350 reading the
 # first chunk's KV cache), not with the unchunked forward: the context/new-token merge rounds
 # in bf16 (per layer ~3e-3, tests/test_vllm_plugin.py's probe) and the router turns that into
@@ -422,15 +423,45 @@ def test_weights_are_realistic(oracle: dict) -> None:
     assert oracle["hidden"]["off_again"]["rel"] == 0.0
 
 
+def batch_invariant(oracle: dict) -> None:
+    """Skip, saying why, unless the premise of comparing batches split at request boundaries
+    holds on this machine: the stock forward against itself on other batch compositions stays
+    well inside the tolerance (measured here: 0.0 on every batch). Where kernels round by batch
+    shape (AMX, GPUs) a real router can turn that rounding into other experts, and then no
+    tolerance separates a plan from rounding; the cut (same shapes as vLLM's chunked prefill)
+    and the negative controls are still checked there."""
+    measured = floors(oracle)
+    worst = max(v for k, v in measured.items() if k != "cut_chunked")
+    if worst > LOGPROB_TOL / 2:
+        pytest.skip(f"this machine's stock forward moves by {worst:.3f} nats with batch "
+                    f"composition (> {LOGPROB_TOL / 2}): its kernels round by batch shape, so "
+                    f"a split at request boundaries cannot be held to {LOGPROB_TOL} here "
+                    f"({measured})")
+
+
+def test_boundary_comparisons_skip_where_the_stock_forward_is_batch_variant(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a machine whose stock forward moves with batch composition beyond half the
+    tolerance, the boundary-split comparisons skip with the measured floor (never pass
+    falsely, never fail on rounding); the chunked-prefill floor does not count."""
+    import sys
+
+    module = sys.modules[__name__]
+    monkeypatch.setattr(module, "floors", lambda oracle: {"prefill": 0.0, "cut_chunked": 3.2})
+    batch_invariant({})  # chunking moves the cut, not batch composition: no skip
+    monkeypatch.setattr(module, "floors", lambda oracle: {"prefill": 0.3, "cut_chunked": 3.2})
+    with pytest.raises(pytest.skip.Exception, match=r"moves by 0\.300 nats with batch "
+                                                    r"composition \(> 0\.05\)"):
+        batch_invariant({})
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_noise_floor_is_below_the_tolerance(oracle: dict) -> None:
-    """The premise of the tolerance: the stock forward against itself on other batch
-    compositions stays well inside it (measured here: 0.0 on every batch)."""
-    measured = floors(oracle)
-    composition = {k: v for k, v in measured.items() if k != "cut_chunked"}
-    assert max(composition.values()) <= LOGPROB_TOL / 2, measured
+    """The premise of the tolerance (see :func:`batch_invariant`), and the chunked-prefill arm
+    really chunked the cut prompt 350 | 350."""
     assert oracle["chunked_steps"][:2] == [CUT // 2, CUT // 2], oracle["chunked_steps"]
+    batch_invariant(oracle)
 
 
 @pytest.mark.parametrize("batch", BOUNDARY)
@@ -442,10 +473,11 @@ def test_planned_forward_matches_the_stock_forward_at_realistic_weights(oracle: 
     within LOGPROB_TOL of the stock forward's (measured 0.0), greedy tokens equal except at a
     near tie, and every batch had planned steps, none cutting a request."""
     on, off = oracle["on"], oracle["off"]
+    assert on["planned"][batch] > 0 and on["cuts"][batch] == 0, (on["planned"], on["cuts"])
+    batch_invariant(oracle)
     diff = logprob_diff(on[batch], off[batch])
     assert diff <= LOGPROB_TOL, f"{batch}: logprobs differ by {diff:.4f} > {LOGPROB_TOL}"
     assert token_flips(on[batch], off[batch], LOGPROB_TOL) == []
-    assert on["planned"][batch] > 0 and on["cuts"][batch] == 0, (on["planned"], on["cuts"])
 
 
 @pytest.mark.vllm
